@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from django.apps import AppConfig
+from django.utils.translation import gettext_lazy as _
+
+
+class MailgovConfig(AppConfig):
+    name = "mailgov"
+    verbose_name = _("Mail governance")
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from auditlog.registry import auditlog
+        from django.test.signals import setting_changed
+
+        from mailgov import checks, receivers, signals  # noqa: F401  (registers checks)
+        from mailgov.models import Mailbox
+
+        setting_changed.connect(
+            receivers.reset_keyring_on_setting_change, dispatch_uid="mailgov.reset_keyring"
+        )
+        signals.mailbox_needs_reconsent.connect(
+            receivers.log_needs_reconsent, dispatch_uid="mailgov.log_needs_reconsent"
+        )
+        # Status, scopes and revocation are audited; the timestamps that move
+        # at every send or refresh are not, or the trail would drown in them.
+        # Credentials are never registered: no token reaches an audit diff.
+        auditlog.register(Mailbox, exclude_fields=["last_used_at", "last_refreshed_at"])

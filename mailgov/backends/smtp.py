@@ -1,0 +1,519 @@
+"""``EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"``: SMTP with XOAUTH2.
+
+A subclass of Django's SMTP backend that sends each message from the mailbox
+its From address belongs to (or from the ``mailbox=`` given to the
+constructor), authenticated with XOAUTH2 over verified TLS only.
+
+Order of work in :meth:`EmailBackend.send_messages`, and why:
+
+1. Every message is checked and serialized first (header injection, address
+   syntax, recipient counts): a bad message raises before any network I/O,
+   and nothing of the batch is sent.
+2. Mailboxes are resolved in one query; a sender that is unknown, inactive or
+   lacks the send scope raises (configuration errors are never hidden by
+   ``fail_silently``).
+3. Messages are grouped by mailbox; one authenticated connection per mailbox
+   is opened and reused for all its messages.
+4. One ``SendLog`` row per message (sent or failed) is written in a single
+   bulk insert at the end of the batch, whatever happened.
+
+``fail_silently`` hides transport errors only (refused or dropped connection,
+timeout, an SMTP error reply, a provider that is down). It never hides a
+configuration or security error: bad input, unknown sender, missing scope,
+a server without STARTTLS or XOAUTH2, a certificate that does not verify, or
+a login refused even after a forced refresh.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import smtplib
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.header import decode_header
+from email.utils import make_msgid, parseaddr
+from typing import Any
+
+from django.core.mail.backends import smtp
+from django.core.mail.message import EmailMessage, sanitize_address
+from django.core.mail.utils import DNS_NAME
+from django.db.models.functions import Lower
+from django.utils import timezone
+
+from mailgov.conf import mailgov_settings
+from mailgov.exceptions import (
+    ConsentRequiredError,
+    InvalidMessageError,
+    MailboxUnavailableError,
+    ProviderUnavailableError,
+    SendCancelled,
+    SMTPAuthenticationRejected,
+    SMTPSecurityError,
+)
+from mailgov.models import Mailbox, SendLog
+from mailgov.providers import Provider, get_provider
+from mailgov.services import mark_needs_reconsent
+from mailgov.signals import post_send, pre_send
+from mailgov.tokens import get_access_token
+
+logger = logging.getLogger("mailgov.backends.smtp")
+
+#: Top-level headers Django writes itself; any other name in the serialized
+#: header block must be one the caller set in ``extra_headers``.
+DJANGO_HEADERS = frozenset(
+    {
+        "content-type",
+        "mime-version",
+        "content-transfer-encoding",
+        "subject",
+        "from",
+        "to",
+        "cc",
+        "reply-to",
+        "date",
+        "message-id",
+    }
+)
+FORBIDDEN_CHARS = ("\r", "\n", "\0")
+MAX_ADDRESS_LENGTH = 254  # RFC 5321 path limit less the angle brackets
+MAX_LOCAL_PART_LENGTH = 64
+
+
+def _is_header_name(name: str) -> bool:
+    # RFC 5322 field name: printable ASCII except ":" and space.
+    return bool(name) and all(33 <= ord(char) <= 126 and char != ":" for char in name)
+
+
+def _check_value(what: str, value: Any) -> None:
+    text = str(value)
+    if any(char in text for char in FORBIDDEN_CHARS):
+        raise InvalidMessageError(f"{what} contains a line break or NUL; nothing was sent.")
+
+
+@dataclass
+class PreparedMessage:
+    """A checked, serialized message, ready for the wire."""
+
+    message: EmailMessage
+    address: str  # the From address, lower-cased, for the mailbox lookup
+    from_addr: str
+    recipients: list[str]
+    data: bytes
+    message_id: str
+
+
+def prepare_message(message: EmailMessage) -> PreparedMessage:
+    """Check and serialize ``message``; raise :class:`InvalidMessageError` if unsafe.
+
+    Refuses CR, LF or NUL in any header value, address or header name, in
+    plain or RFC 2047-encoded form, and any header block that would carry a
+    header line the caller did not ask for. Gives the message a Message-ID
+    if it has none, so that a retry sends the same one.
+    """
+    _check_value("The subject", message.subject)
+    _check_value("The From address", message.from_email)
+    for what, addresses in (
+        ("A To address", message.to),
+        ("A Cc address", message.cc),
+        ("A Bcc address", message.bcc),
+        ("A Reply-To address", message.reply_to),
+    ):
+        for address in addresses:
+            _check_value(what, address)
+    extra_names = set()
+    for name, value in message.extra_headers.items():
+        if not _is_header_name(str(name)):
+            raise InvalidMessageError("A custom header has an invalid name; nothing was sent.")
+        _check_value(f"Header {name}", value)
+        extra_names.add(str(name).lower())
+    if "message-id" not in extra_names:
+        message.extra_headers["Message-ID"] = make_msgid(domain=DNS_NAME)
+        extra_names.add("message-id")
+    recipients_raw = message.recipients()
+    if not recipients_raw:
+        raise InvalidMessageError("The message has no recipients; nothing was sent.")
+    encoding = message.encoding or "utf-8"
+    try:
+        from_addr = sanitize_address(message.from_email, encoding)
+        recipients = [sanitize_address(addr, encoding) for addr in recipients_raw]
+        mime = message.message()
+    except ValueError as exc:  # includes Django's BadHeaderError
+        raise InvalidMessageError(f"The message cannot be sent as it is: {exc}") from None
+    for formatted in [from_addr, *recipients]:
+        addr_spec = parseaddr(formatted)[1]
+        local, _, domain = addr_spec.rpartition("@")
+        if (
+            not local
+            or not domain
+            or len(addr_spec) > MAX_ADDRESS_LENGTH
+            or len(local) > MAX_LOCAL_PART_LENGTH
+        ):
+            raise InvalidMessageError("An address is malformed or too long; nothing was sent.")
+    data = mime.as_bytes(linesep="\r\n")
+    _check_header_block(data, DJANGO_HEADERS | extra_names)
+    return PreparedMessage(
+        message=message,
+        address=parseaddr(from_addr)[1].lower(),
+        from_addr=from_addr,
+        recipients=recipients,
+        data=data,
+        message_id=str(mime["Message-ID"] or ""),
+    )
+
+
+def _check_header_block(data: bytes, allowed: frozenset[str] | set[str]) -> None:
+    """The bytes on the wire must hold no header line nobody asked for."""
+    head = data.split(b"\r\n\r\n", 1)[0]
+    if b"\0" in head:
+        raise InvalidMessageError("The header block contains NUL; nothing was sent.")
+    for line in head.split(b"\r\n"):
+        if b"\r" in line or b"\n" in line:
+            raise InvalidMessageError("The header block has a bare line break; nothing was sent.")
+        if line[:1] in (b" ", b"\t"):
+            value = line
+        else:
+            name, colon, value = line.partition(b":")
+            if not colon or name.decode("ascii", "replace").lower() not in allowed:
+                raise InvalidMessageError(
+                    "The message would carry an unexpected header line; nothing was sent."
+                )
+        if b"=?" in value:
+            # An encoded word must not decode to a line break either: the
+            # receiving side would show it as a new header.
+            for part, charset in decode_header(value.decode("ascii", "replace")):
+                text = (
+                    part.decode(charset or "ascii", "replace") if isinstance(part, bytes) else part
+                )
+                if any(char in text for char in FORBIDDEN_CHARS):
+                    raise InvalidMessageError(
+                        "An encoded header decodes to a line break or NUL; nothing was sent."
+                    )
+
+
+def xoauth2_initial_response(address: str, token: str) -> str:
+    """The base64 SASL XOAUTH2 initial response. Never log what this returns."""
+    raw = f"user={address}\x01auth=Bearer {token}\x01\x01"
+    return base64.b64encode(raw.encode()).decode("ascii")
+
+
+#: Transport failures: the only ones ``fail_silently`` may hide.
+TRANSPORT_ERRORS = (smtplib.SMTPException, OSError, ProviderUnavailableError)
+#: Never hidden, even though some subclass the transport errors above.
+NEVER_SILENT = (SMTPSecurityError, SMTPAuthenticationRejected, ssl.SSLError)
+
+
+class EmailBackend(smtp.EmailBackend):
+    """Send through each sender's connected mailbox with SMTP + XOAUTH2.
+
+    ``mailbox`` (a :class:`Mailbox` or its pk) fixes the mailbox for every
+    message; the From address must then be the mailbox's address. Host,
+    port, username and password arguments and ``EMAIL_*`` settings are
+    ignored: the provider decides where a token may go.
+    """
+
+    def __init__(
+        self,
+        mailbox: Mailbox | Any = None,
+        fail_silently: bool = False,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ):
+        for ignored in ("host", "port", "username", "password", "use_tls", "use_ssl"):
+            kwargs.pop(ignored, None)
+        super().__init__(
+            fail_silently=fail_silently, timeout=timeout, use_tls=False, use_ssl=False, **kwargs
+        )
+        # Never a password login, whatever EMAIL_HOST_USER says.
+        self.username = self.password = None
+        if self.timeout is None:
+            self.timeout = mailgov_settings.SMTP_TIMEOUT_SECONDS
+        self.mailbox = mailbox
+        self._connected_mailbox: Mailbox | None = None
+        self._ssl_contexts: dict[str | None, ssl.SSLContext] = {}
+
+    # -- connection --------------------------------------------------------
+    def ssl_context_for(self, provider: Provider) -> ssl.SSLContext:
+        """A verifying TLS 1.2+ context; a provider's CA bundle is its only trust root."""
+        context = self._ssl_contexts.get(provider.ca_bundle)
+        if context is None:
+            context = ssl.create_default_context(cafile=provider.ca_bundle)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._ssl_contexts[provider.ca_bundle] = context
+        return context
+
+    def _connect(self, provider: Provider) -> None:
+        """Open a TLS connection to the provider's SMTP endpoint; EHLO done."""
+        context = self.ssl_context_for(provider)
+        params = {"local_hostname": DNS_NAME.get_fqdn(), "timeout": self.timeout}
+        if provider.smtp_security == "ssl":
+            connection = smtplib.SMTP_SSL(
+                provider.smtp_host, provider.smtp_port, context=context, **params
+            )
+            self.connection = connection
+        else:
+            connection = smtplib.SMTP(provider.smtp_host, provider.smtp_port, **params)
+            self.connection = connection
+            connection.ehlo()
+            if not connection.has_extn("starttls"):
+                raise SMTPSecurityError(
+                    f"{provider.smtp_host} does not offer STARTTLS; mailgov never "
+                    "authenticates over a clear connection, so nothing was sent."
+                )
+            connection.starttls(context=context)
+        connection.ehlo()  # CPython's auth never sends EHLO itself
+
+    def _authenticate(self, address: str, token: str) -> None:
+        connection = self.connection
+        mechanisms = connection.esmtp_features.get("auth", "").upper().split()
+        if "XOAUTH2" not in mechanisms:
+            raise SMTPSecurityError("The SMTP server does not offer AUTH XOAUTH2 after TLS.")
+        # Not smtplib's auth(): it treats a 503 reply as success.
+        code, reply = connection.docmd("AUTH", "XOAUTH2 " + xoauth2_initial_response(address, token))
+        if code == 334:
+            # The server's JSON error challenge: an empty answer makes the
+            # failure arrive as a 535.
+            code, reply = connection.docmd("")
+        if code != 235:
+            raise smtplib.SMTPAuthenticationError(code, reply)
+
+    def _open_for(self, mailbox: Mailbox) -> bool:
+        """Ensure an authenticated connection for ``mailbox``; True if newly opened."""
+        if self.connection is not None and self._connected_mailbox == mailbox:
+            return False
+        self.close()
+        provider = get_provider(mailbox.provider)
+        token = get_access_token(mailbox)
+        try:
+            self._connect(provider)
+            self._authenticate(mailbox.address, token)
+        except smtplib.SMTPAuthenticationError as exc:
+            self.close()
+            reply = exc.smtp_error.decode("utf-8", "replace") if isinstance(
+                exc.smtp_error, bytes
+            ) else str(exc.smtp_error)
+            if "5.7.139" in reply:
+                # Microsoft: SMTP AUTH disabled for the tenant or mailbox.
+                # A refresh or re-consent will not help; the owner must be told.
+                mark_needs_reconsent(mailbox, "smtp_auth_disabled: SMTP AUTH is disabled")
+                raise SMTPAuthenticationRejected(exc.smtp_code, exc.smtp_error) from None
+            # One forced refresh and one retry, then the mailbox needs re-consent.
+            token = get_access_token(mailbox, force_refresh=True, rejected_token=token)
+            try:
+                self._connect(provider)
+                self._authenticate(mailbox.address, token)
+            except smtplib.SMTPAuthenticationError as retry_exc:
+                self.close()
+                mark_needs_reconsent(mailbox, "smtp_auth_rejected: login refused after refresh")
+                raise SMTPAuthenticationRejected(
+                    retry_exc.smtp_code, retry_exc.smtp_error
+                ) from None
+            except BaseException:
+                self.close()
+                raise
+        except BaseException:
+            self.close()
+            raise
+        self._connected_mailbox = mailbox
+        return True
+
+    def open(self) -> bool | None:
+        """Open a connection for the constructor's ``mailbox``, if one was given.
+
+        Returns ``True`` if a connection was opened, ``False`` if one was
+        already open or no mailbox is fixed (connections are then opened per
+        sender in :meth:`send_messages`), ``None`` if it failed silently.
+        """
+        if self.mailbox is None:
+            return False
+        mailbox = self._fixed_mailbox()
+        self._check_mailbox(mailbox, mailbox.address)
+        try:
+            return self._open_for(mailbox)
+        except NEVER_SILENT:
+            raise
+        except TRANSPORT_ERRORS:
+            if not self.fail_silently:
+                raise
+            return None
+
+    def close(self) -> None:
+        self._connected_mailbox = None
+        if self.connection is None:
+            return
+        try:
+            self.connection.quit()
+        except (ssl.SSLError, smtplib.SMTPServerDisconnected, smtplib.SMTPException, OSError):
+            # The connection is gone or broken either way.
+            self.connection.close()
+        finally:
+            self.connection = None
+
+    # -- mailboxes ---------------------------------------------------------
+    def _fixed_mailbox(self) -> Mailbox:
+        if isinstance(self.mailbox, Mailbox):
+            return self.mailbox
+        mailbox = Mailbox.objects.filter(pk=self.mailbox).first()
+        if mailbox is None:
+            raise MailboxUnavailableError("The mailbox given to the backend does not exist.")
+        self.mailbox = mailbox
+        return mailbox
+
+    def _check_mailbox(self, mailbox: Mailbox | None, address: str) -> Provider:
+        if mailbox is None:
+            raise MailboxUnavailableError(
+                f"No connected mailbox sends as {address!r}; nothing was sent."
+            )
+        if mailbox.status != Mailbox.Status.ACTIVE:
+            raise MailboxUnavailableError(
+                f"Mailbox {mailbox.pk} ({mailbox.address}) is {mailbox.status}; nothing was sent."
+            )
+        provider = get_provider(mailbox.provider)
+        if not mailbox.has_scopes(provider.send_scopes):
+            raise ConsentRequiredError(
+                f"Mailbox {mailbox.pk} was not granted the send scope; its owner must consent."
+            )
+        return provider
+
+    def _resolve(self, prepared: Sequence[PreparedMessage]) -> list[Mailbox]:
+        """The mailbox of each message, in one query; raises for any unusable one."""
+        if self.mailbox is not None:
+            mailbox = self._fixed_mailbox()
+            by_address = {mailbox.address.lower(): mailbox}
+        else:
+            wanted = {item.address for item in prepared}
+            by_address = {}
+            for mailbox in (
+                Mailbox.objects.annotate(address_lower=Lower("address"))
+                .filter(address_lower__in=wanted)
+                .order_by("-connected_at")
+            ):
+                current = by_address.get(mailbox.address_lower)
+                # An active mailbox wins over an older inactive one.
+                if current is None or (
+                    mailbox.status == Mailbox.Status.ACTIVE
+                    and current.status != Mailbox.Status.ACTIVE
+                ):
+                    by_address[mailbox.address_lower] = mailbox
+        result = []
+        for item in prepared:
+            mailbox = by_address.get(item.address)
+            if mailbox is None and self.mailbox is not None:
+                raise MailboxUnavailableError(
+                    f"The From address {item.address!r} is not the address of the given "
+                    "mailbox; nothing was sent."
+                )
+            provider = self._check_mailbox(mailbox, item.address)
+            if len(item.recipients) > provider.max_recipients_per_message:
+                raise InvalidMessageError(
+                    f"{len(item.recipients)} recipients exceed {provider.name}'s limit of "
+                    f"{provider.max_recipients_per_message} per message; nothing was sent."
+                )
+            result.append(mailbox)
+        return result
+
+    # -- sending -----------------------------------------------------------
+    def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
+        """Send ``email_messages``; return how many were sent.
+
+        Raises before any network I/O for a bad message or an unusable
+        mailbox. Every message that reached the sending stage gets one
+        ``SendLog`` row, written in one insert per batch.
+        """
+        if not email_messages:
+            return 0
+        prepared = [prepare_message(message) for message in email_messages]
+        mailboxes = self._resolve(prepared)
+        groups: dict[Any, tuple[Mailbox, list[PreparedMessage]]] = {}
+        for item, mailbox in zip(prepared, mailboxes, strict=True):
+            groups.setdefault(mailbox.pk, (mailbox, []))[1].append(item)
+        logs: list[SendLog] = []
+        sent_total = 0
+        with self._lock:
+            try:
+                for mailbox, items in groups.values():
+                    sent_total += self._send_group(mailbox, items, logs)
+            finally:
+                self._record(logs)
+        return sent_total
+
+    def _send_group(
+        self, mailbox: Mailbox, items: list[PreparedMessage], logs: list[SendLog]
+    ) -> int:
+        def fail(rest: Sequence[PreparedMessage], exc: BaseException) -> None:
+            now = timezone.now()
+            logs.extend(
+                SendLog(
+                    mailbox=mailbox,
+                    message_id=item.message_id,
+                    recipient_count=len(item.recipients),
+                    status=SendLog.Status.FAILED,
+                    error_class=type(exc).__name__,
+                    attempted_at=now,
+                )
+                for item in rest
+            )
+
+        try:
+            new_connection = self._open_for(mailbox)
+        except NEVER_SILENT as exc:
+            fail(items, exc)
+            raise
+        except TRANSPORT_ERRORS as exc:
+            fail(items, exc)
+            if not self.fail_silently:
+                raise
+            return 0
+        except Exception as exc:
+            fail(items, exc)
+            raise
+        sent = 0
+        try:
+            for index, item in enumerate(items):
+                try:
+                    pre_send.send(sender=type(self), message=item.message, mailbox=mailbox)
+                except SendCancelled as exc:
+                    fail([item], exc)
+                    continue
+                try:
+                    self.connection.sendmail(item.from_addr, item.recipients, item.data)
+                except (smtplib.SMTPServerDisconnected, OSError) as exc:
+                    # The connection is gone: the rest of the group fails too.
+                    fail(items[index:], exc)
+                    self.close()
+                    if not self.fail_silently:
+                        raise
+                    break
+                except smtplib.SMTPException as exc:
+                    fail([item], exc)
+                    if not self.fail_silently:
+                        raise
+                    continue
+                now = timezone.now()
+                logs.append(
+                    SendLog(
+                        mailbox=mailbox,
+                        message_id=item.message_id,
+                        recipient_count=len(item.recipients),
+                        status=SendLog.Status.SENT,
+                        attempted_at=now,
+                        sent_at=now,
+                    )
+                )
+                sent += 1
+        finally:
+            if new_connection:
+                self.close()
+            post_send.send(
+                sender=type(self), mailbox=mailbox, sent=sent, failed=len(items) - sent
+            )
+        return sent
+
+    def _record(self, logs: list[SendLog]) -> None:
+        if not logs:
+            return
+        SendLog.objects.bulk_create(logs)
+        used = {log.mailbox_id for log in logs if log.status == SendLog.Status.SENT}
+        if used:
+            Mailbox.objects.filter(pk__in=used).update(last_used_at=timezone.now())

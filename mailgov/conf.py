@@ -1,0 +1,68 @@
+"""The one settings object.
+
+Every setting is ``MAILGOV_<NAME>`` in Django settings, with its default in
+:data:`DEFAULTS`. Values are read on each access, so ``override_settings`` works
+and nothing is written into ``django.conf.settings``. An unknown name raises
+``AttributeError`` instead of silently returning ``None``.
+
+Validation lives in :mod:`mailgov.checks` (system checks with stable ids), not
+here: importing this module never fails because of a bad setting.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from django.conf import settings as django_settings
+
+PREFIX = "MAILGOV_"
+
+DEFAULTS: dict[str, Any] = {
+    # Ordered ``key_id:base64key`` entries; the first encrypts, all decrypt.
+    # Also read from the environment variable of the same name (comma
+    # separated) or from a file (one entry a line) named by ENCRYPTION_KEYS_FILE.
+    "ENCRYPTION_KEYS": None,
+    "ENCRYPTION_KEYS_FILE": None,
+    # Refresh an access token this long before it expires.
+    "TOKEN_REFRESH_MARGIN_SECONDS": 300,
+    # Lifetime assumed when a token response has no usable ``expires_in``:
+    # short, so a token of unknown life is refreshed soon rather than trusted.
+    "TOKEN_DEFAULT_LIFETIME_SECONDS": 60,
+    # Timeout of every HTTP call to a provider (token, revocation, discovery).
+    "HTTP_TIMEOUT_SECONDS": 10.0,
+    # Timeout of every SMTP connection.
+    "SMTP_TIMEOUT_SECONDS": 30.0,
+    # How long an OIDC discovery document is kept in memory.
+    "DISCOVERY_CACHE_SECONDS": 3600,
+    # Provider configuration: {provider_id: {...}}; see mailgov.providers.
+    "PROVIDERS": {},
+    # Rows re-encrypted per transaction by mailgov_rotate_keys.
+    "ROTATION_BATCH_SIZE": 500,
+}
+
+#: Settings that may also come from the process environment.
+ENVIRONMENT = ("ENCRYPTION_KEYS", "ENCRYPTION_KEYS_FILE")
+
+
+class MailgovSettings:
+    """Lazy accessor: ``mailgov_settings.HTTP_TIMEOUT_SECONDS``."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(f"Invalid mailgov setting: {name}")
+        full = PREFIX + name
+        if hasattr(django_settings, full):
+            value = getattr(django_settings, full)
+            # None in settings leaves room for the environment.
+            if value is not None or name not in ENVIRONMENT:
+                return value
+        if name in ENVIRONMENT and os.environ.get(full):
+            return os.environ[full]
+        return DEFAULTS[name]
+
+    def __dir__(self) -> list[str]:
+        return sorted(DEFAULTS)
+
+
+mailgov_settings = MailgovSettings()

@@ -1,0 +1,144 @@
+"""Encrypted model fields bound to their row.
+
+``Field.from_db_value()`` is not given the model instance, and
+``QuerySet.update()`` / ``bulk_update()`` skip ``pre_save()``, so a value bound
+to its row cannot be decrypted or encrypted inside the usual field hooks.
+Instead:
+
+* a value read from the database stays *sealed* (a :class:`Sealed` holding the
+  ciphertext) in the instance's ``__dict__``;
+* the field's descriptor decrypts it on attribute access, where the row is
+  known (so listing or counting rows never decrypts anything);
+* assigning a ``str`` marks new plaintext, which ``pre_save()`` encrypts for
+  this row on ``save()``;
+* writing plaintext any other way (``update()``, ``bulk_update()``, a filter)
+  raises instead of storing it in clear: only :class:`Sealed` values, which
+  were encrypted for a known row, reach the database.
+
+Serialization (``dumpdata``) writes the ciphertext, never the plaintext, and
+``loaddata`` reads it back sealed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+from django.db.models.query_utils import DeferredAttribute
+
+from mailgov import crypto
+
+
+class Sealed:
+    """A ciphertext as stored. Its repr and str never show the value."""
+
+    __slots__ = ("ciphertext",)
+
+    def __init__(self, ciphertext: str):
+        self.ciphertext = ciphertext
+
+    def __repr__(self) -> str:
+        return "<Sealed>"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sealed) and other.ciphertext == self.ciphertext
+
+    __hash__ = None  # mutable holder; never a dict key
+
+
+class EncryptedAttribute(DeferredAttribute):
+    """Decrypts on read; keeps assignments as pending plaintext until save."""
+
+    def __get__(self, instance: models.Model | None, cls: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = super().__get__(instance, cls)  # loads a deferred column
+        if isinstance(value, Sealed):
+            return self.field.decrypt_for(instance, value.ciphertext)
+        return value
+
+    def __set__(self, instance: models.Model, value: Any) -> None:
+        instance.__dict__[self.field.attname] = value
+
+
+class EncryptedTextField(models.TextField):
+    """A text column holding an AES-256-GCM value bound to model, field and row.
+
+    The row's primary key must be set before the value is encrypted: use a
+    model whose primary key is a UUID with a default, or a one-to-one primary
+    key, so it is known before the first ``INSERT``.
+    """
+
+    descriptor_class = EncryptedAttribute
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("editable", False)
+        kwargs.setdefault("blank", True)
+        super().__init__(*args, **kwargs)
+
+    def deconstruct(self):
+        name, path, args, kwargs = super().deconstruct()
+        kwargs.pop("editable", None)
+        if kwargs.get("blank") is True:
+            kwargs.pop("blank")
+        return name, path, args, kwargs
+
+    # -- binding ----------------------------------------------------------
+    def _context(self, instance: models.Model) -> dict[str, Any]:
+        if instance.pk is None:
+            raise ValueError(
+                f"{self.model._meta.label}.{self.name}: the row needs a primary key before "
+                "a value can be encrypted for it."
+            )
+        return {"label": self.model._meta.label_lower, "field_name": self.name, "pk": instance.pk}
+
+    def decrypt_for(self, instance: models.Model, ciphertext: str) -> str:
+        return crypto.decrypt(ciphertext, **self._context(instance))
+
+    def seal_for(self, instance: models.Model, plaintext: str) -> Sealed:
+        """Encrypt ``plaintext`` for this field of ``instance`` (the one write path)."""
+        return Sealed(crypto.encrypt(plaintext, **self._context(instance)))
+
+    # -- database round trip ----------------------------------------------
+    def from_db_value(self, value: str | None, expression: Any, connection: Any) -> Any:
+        if value is None or value == "":
+            return None
+        return Sealed(value)
+
+    def pre_save(self, model_instance: models.Model, add: bool) -> Any:
+        value = model_instance.__dict__.get(self.attname)
+        if isinstance(value, str):
+            value = self.seal_for(model_instance, value)
+            # Keep the instance consistent with what is now stored.
+            model_instance.__dict__[self.attname] = value
+        return value
+
+    def get_prep_value(self, value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        if isinstance(value, Sealed):
+            return value.ciphertext
+        raise TypeError(
+            f"{self.model._meta.label}.{self.name} is encrypted: assign plaintext to an "
+            "instance and save() it, or pass a value sealed with seal_for(); plaintext "
+            "is never written through update(), bulk_update() or a lookup."
+        )
+
+    def to_python(self, value: Any) -> Any:
+        # Used by deserializers (loaddata): what dumpdata wrote is ciphertext.
+        if isinstance(value, str) and crypto.is_envelope(value):
+            return Sealed(value)
+        return value
+
+    def value_from_object(self, obj: models.Model) -> Any:
+        # Serializers and model_to_dict read through this: give them the
+        # ciphertext, never the plaintext.
+        value = obj.__dict__.get(self.attname)
+        if isinstance(value, str):
+            value = self.seal_for(obj, value)
+        return value.ciphertext if isinstance(value, Sealed) else value
+
+    def formfield(self, **kwargs: Any) -> None:
+        return None

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
+
+from mailgov.crypto import get_keyring
+from mailgov.services import key_usage, rotate_keys, rotation_pending
+
+
+class Command(BaseCommand):
+    help = (
+        "Re-encrypt every stored token that is not under the primary (first) key. "
+        "Batched, resumable, safe while mail is being sent."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--dry-run", action="store_true", help="Only report how many values each key holds."
+        )
+        parser.add_argument("--batch-size", type=int, default=None, help="Rows per transaction.")
+
+    def handle(self, *args, dry_run: bool = False, batch_size: int | None = None, **options):
+        keyring = get_keyring()
+        if dry_run:
+            usage = key_usage()
+            for key_id in sorted(set(usage) | set(keyring.key_ids)):
+                role = "primary" if key_id == keyring.primary_id else (
+                    "decrypt-only" if key_id in keyring.ciphers else "NOT IN KEYRING"
+                )
+                self.stdout.write(f"{key_id}: {usage.get(key_id, 0)} values ({role})")
+            self.stdout.write(f"rows to rotate: {rotation_pending().count()}")
+            return
+        total = rotation_pending().count()
+        with tqdm(total=total, unit="row", disable=None, file=self.stderr._out) as bar:
+            result = rotate_keys(batch_size=batch_size, progress=bar.update)
+        self.stdout.write(
+            f"Re-encrypted {result.rotated} values in {result.rows} rows "
+            f"under key {keyring.primary_id!r}."
+        )
+        if result.failed_rows:
+            raise CommandError(
+                f"{len(result.failed_rows)} rows could not be decrypted and were left as they "
+                f"are: {', '.join(result.failed_rows[:20])}"
+            )

@@ -1,0 +1,253 @@
+"""What every provider is: endpoints, pinned SMTP, and the token calls.
+
+A provider object is cheap and built from settings on demand; nothing is read
+at import time. Every HTTP call has a timeout, and errors are mapped onto the
+exception tree by OAuth error code and HTTP status, never by echoing the
+response body (which may quote what was sent).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import requests
+
+from mailgov.conf import mailgov_settings
+from mailgov.exceptions import (
+    GrantRevokedError,
+    MailgovConfigurationError,
+    ProviderError,
+    ProviderUnavailableError,
+    TokenRefreshError,
+    TokenRefreshUnavailableError,
+)
+
+logger = logging.getLogger("mailgov.providers")
+
+#: ``expires_in`` values outside this range are treated as missing.
+MAX_SANE_LIFETIME_SECONDS = 366 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class TokenResponse:
+    """A parsed token endpoint response. Token values are kept out of ``repr``."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str | None = field(default=None, repr=False)
+    #: Seconds of life, or ``None`` when absent or nonsense.
+    expires_in: int | None = None
+    #: Granted scopes when the response said; ``None`` means "as requested".
+    scopes: list[str] | None = None
+    id_token: str | None = field(default=None, repr=False)
+
+
+def parse_expires_in(value: Any) -> int | None:
+    try:
+        seconds = int(value)
+    except (TypeError, ValueError):
+        return None
+    if 0 < seconds <= MAX_SANE_LIFETIME_SECONDS:
+        return seconds
+    return None
+
+
+class Provider:
+    """Base provider. Subclasses set the class attributes."""
+
+    #: The provider type, as used in ``MAILGOV_PROVIDERS[...]["type"]``.
+    type: ClassVar[str] = ""
+    name: str = ""
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_security: Literal["starttls", "ssl"] = "starttls"
+    #: Whether the SMTP endpoint is fixed by mailgov (True for Google and
+    #: Microsoft: a bearer token is never sent to any other host).
+    smtp_pinned: ClassVar[bool] = True
+    #: Scopes a mailbox must hold to send.
+    send_scopes: tuple[str, ...] = ()
+    #: Scope parameter of a refresh request (``None``: not sent).
+    refresh_scopes: tuple[str, ...] | None = None
+    #: Extra authorization parameters for the consent that grants sending.
+    send_auth_params: dict[str, str] = {}
+    max_recipients_per_message: int = 100
+    ca_bundle: str | None = None
+
+    def __init__(self, provider_id: str, config: dict[str, Any]):
+        self.id = provider_id
+        self.config = config
+        self.client_id: str = config.get("client_id", "")
+        self.client_secret: str = config.get("client_secret", "")
+        if config.get("name"):
+            self.name = config["name"]
+        if config.get("max_recipients_per_message"):
+            self.max_recipients_per_message = int(config["max_recipients_per_message"])
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id}>"
+
+    # -- endpoints (overridden or discovered) -----------------------------
+    @property
+    def authorization_endpoint(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def token_endpoint(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def revocation_endpoint(self) -> str | None:
+        return None
+
+    @property
+    def userinfo_endpoint(self) -> str | None:
+        return None
+
+    # -- HTTP ---------------------------------------------------------------
+    @property
+    def http_verify(self) -> str | bool:
+        return self.ca_bundle or True
+
+    def _post(self, url: str, data: dict[str, str], *, what: str) -> requests.Response:
+        try:
+            return requests.post(
+                url,
+                data=data,
+                headers={"Accept": "application/json"},
+                timeout=mailgov_settings.HTTP_TIMEOUT_SECONDS,
+                verify=self.http_verify,
+                allow_redirects=False,
+            )
+        except requests.Timeout:
+            raise ProviderUnavailableError(f"{self.name}: {what} timed out.") from None
+        except requests.RequestException as exc:
+            raise ProviderUnavailableError(
+                f"{self.name}: {what} failed: {type(exc).__name__}."
+            ) from None
+
+    def _token_request(self, data: dict[str, str], *, what: str) -> TokenResponse:
+        if not self.client_id:
+            raise MailgovConfigurationError(f"Provider {self.id!r} has no client_id configured.")
+        payload = {"client_id": self.client_id, **data}
+        if self.client_secret:
+            payload["client_secret"] = self.client_secret
+        response = self._post(self.token_endpoint, payload, what=what)
+        body = _json_or_none(response)
+        if response.status_code >= 500 or response.status_code == 429:
+            raise ProviderUnavailableError(
+                f"{self.name}: {what} answered HTTP {response.status_code}.",
+                status=response.status_code,
+            )
+        if response.status_code != 200 or body is None:
+            error = body.get("error") if isinstance(body, dict) else None
+            error = error if isinstance(error, str) else None
+            message = f"{self.name}: {what} refused (HTTP {response.status_code}"
+            message += f", error {error!r})." if error else ")."
+            if error == "invalid_grant":
+                raise GrantRevokedError(message, status=response.status_code, error=error)
+            raise ProviderError(message, status=response.status_code, error=error)
+        access_token = body.get("access_token")
+        if not isinstance(access_token, str) or not access_token:
+            raise ProviderError(f"{self.name}: {what} returned no access token.", status=200)
+        scope = body.get("scope")
+        return TokenResponse(
+            access_token=access_token,
+            refresh_token=body.get("refresh_token") or None,
+            expires_in=parse_expires_in(body.get("expires_in")),
+            scopes=scope.split() if isinstance(scope, str) else None,
+            id_token=body.get("id_token") or None,
+        )
+
+    # -- operations ---------------------------------------------------------
+    def exchange_code(self, code: str, *, redirect_uri: str, code_verifier: str) -> TokenResponse:
+        """Redeem an authorization code (with its PKCE verifier)."""
+        return self._token_request(
+            {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": redirect_uri,
+                "code_verifier": code_verifier,
+            },
+            what="code exchange",
+        )
+
+    def refresh(self, refresh_token: str) -> TokenResponse:
+        """Redeem a refresh token for a fresh access token.
+
+        Raises :class:`GrantRevokedError` on ``invalid_grant``,
+        :class:`TokenRefreshUnavailableError` on a network error, timeout, 429
+        or 5xx (retry later), :class:`TokenRefreshError` otherwise.
+        """
+        data = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        if self.refresh_scopes:
+            data["scope"] = " ".join(self.refresh_scopes)
+        try:
+            return self._token_request(data, what="token refresh")
+        except GrantRevokedError:
+            raise
+        except ProviderUnavailableError as exc:
+            raise TokenRefreshUnavailableError(str(exc), status=exc.status) from None
+        except ProviderError as exc:
+            raise TokenRefreshError(str(exc), status=exc.status, error=exc.error) from None
+
+    def revoke(self, token: str, *, token_type_hint: str = "refresh_token") -> bool:
+        """Revoke ``token`` at the provider (RFC 7009).
+
+        Returns ``True`` when the provider confirmed (200, also for a token
+        that was already invalid), ``False`` when it has no revocation
+        endpoint. Raises :class:`ProviderUnavailableError` for 5xx/timeouts.
+        """
+        endpoint = self.revocation_endpoint
+        if not endpoint:
+            return False
+        data = {"token": token, "token_type_hint": token_type_hint, "client_id": self.client_id}
+        if self.client_secret:
+            data["client_secret"] = self.client_secret
+        response = self._post(endpoint, data, what="revocation")
+        if response.status_code == 200:
+            return True
+        if response.status_code >= 500 or response.status_code == 429:
+            raise ProviderUnavailableError(
+                f"{self.name}: revocation answered HTTP {response.status_code}.",
+                status=response.status_code,
+            )
+        body = _json_or_none(response)
+        error = body.get("error") if isinstance(body, dict) else None
+        raise ProviderError(
+            f"{self.name}: revocation refused (HTTP {response.status_code}).",
+            status=response.status_code,
+            error=error if isinstance(error, str) else None,
+        )
+
+    def userinfo(self, access_token: str) -> dict[str, Any]:
+        """The OIDC userinfo claims for ``access_token`` (used to learn the address)."""
+        endpoint = self.userinfo_endpoint
+        if not endpoint:
+            raise ProviderError(f"{self.name}: no userinfo endpoint.")
+        try:
+            response = requests.get(
+                endpoint,
+                headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
+                timeout=mailgov_settings.HTTP_TIMEOUT_SECONDS,
+                verify=self.http_verify,
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            raise ProviderUnavailableError(
+                f"{self.name}: userinfo failed: {type(exc).__name__}."
+            ) from None
+        body = _json_or_none(response)
+        if response.status_code != 200 or not isinstance(body, dict):
+            raise ProviderError(
+                f"{self.name}: userinfo refused (HTTP {response.status_code}).",
+                status=response.status_code,
+            )
+        return body
+
+
+def _json_or_none(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None

@@ -1,0 +1,22 @@
+"""mailgov's own signal handlers, connected in ``MailgovConfig.ready()``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mailgov import crypto
+
+security_logger = logging.getLogger("mailgov.security")
+
+
+def reset_keyring_on_setting_change(*, setting: str, **kwargs: Any) -> None:
+    """``override_settings`` of the keys must take effect at once."""
+    if setting in ("MAILGOV_ENCRYPTION_KEYS", "MAILGOV_ENCRYPTION_KEYS_FILE"):
+        crypto.reset_keyring()
+
+
+def log_needs_reconsent(*, mailbox: Any, reason: str, **kwargs: Any) -> None:
+    security_logger.warning(
+        "mailbox %s needs re-consent (%s)", mailbox.pk, reason.replace("\n", " ")[:100]
+    )

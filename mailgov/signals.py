@@ -1,0 +1,25 @@
+"""Signals mailgov sends. Definitions only; mailgov's own handlers are in receivers.py.
+
+Use signals to react (notify, log, count); to change a flow, use the
+documented hooks instead: receivers run in no guaranteed order.
+"""
+
+from __future__ import annotations
+
+from django.dispatch import Signal
+
+#: A mailbox fell to ``needs_reconsent``; sent once per fall, after commit.
+#: Arguments: ``mailbox`` (Mailbox), ``reason`` (str code, e.g. "invalid_grant").
+mailbox_needs_reconsent = Signal()
+
+#: An access token was refreshed. Arguments: ``mailbox``. Carries no token.
+token_refreshed = Signal()
+
+#: About to send one message. Arguments: ``message`` (EmailMessage),
+#: ``mailbox``. A receiver may raise ``SendCancelled`` to skip the message
+#: (it is logged as failed, the rest of the batch goes on).
+pre_send = Signal()
+
+#: A batch finished for one mailbox. Arguments: ``mailbox``, ``sent`` (int),
+#: ``failed`` (int).
+post_send = Signal()

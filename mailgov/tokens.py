@@ -1,0 +1,109 @@
+"""``get_access_token()``: a valid access token, refreshed exactly once when needed.
+
+Single flight: the refresh happens inside a transaction holding the
+mailbox's row lock (``select_for_update()`` on PostgreSQL; on SQLite the
+``IMMEDIATE`` transaction mode takes the database write lock at ``BEGIN``),
+and the token is read again after the lock is taken, so of many threads and
+processes that find the token expired, one refreshes and the others use its
+result. The lock is held across the HTTP call on purpose; that call has a
+timeout, and the database's lock timeout must be longer than it.
+
+Secrets never leave through here: no token is logged, and exceptions carry
+OAuth error codes and HTTP statuses, not response bodies.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import transaction
+from django.utils import timezone
+
+from mailgov.conf import mailgov_settings
+from mailgov.exceptions import GrantRevokedError, MailboxUnavailableError
+from mailgov.models import Mailbox, MailboxCredentials
+from mailgov.providers import get_provider
+from mailgov.services import apply_token_response, mark_needs_reconsent_locked
+from mailgov.signals import mailbox_needs_reconsent, token_refreshed
+
+logger = logging.getLogger("mailgov.tokens")
+
+
+def get_access_token(
+    mailbox: Mailbox, *, force_refresh: bool = False, rejected_token: str | None = None
+) -> str:
+    """Return an access token for ``mailbox`` valid for at least the refresh margin.
+
+    ``force_refresh`` asks for a new token even if the stored one looks valid
+    (the SMTP server refused it); pass the refused token as ``rejected_token``
+    so that a token another worker has refreshed meanwhile is used instead of
+    refreshing again.
+
+    Raises :class:`MailboxUnavailableError` (mailbox not active or not
+    connected), :class:`GrantRevokedError` (``invalid_grant``: the mailbox is
+    now ``needs_reconsent``, its tokens wiped, the signal sent),
+    :class:`TokenRefreshUnavailableError` (5xx/timeout: retry later; tokens
+    kept), :class:`TokenRefreshError` (other refusals; tokens kept).
+    """
+    margin = mailgov_settings.TOKEN_REFRESH_MARGIN_SECONDS
+    if not force_refresh:
+        credentials = MailboxCredentials.objects.filter(pk=mailbox.pk).first()
+        if credentials is not None and credentials.access_token_valid(margin):
+            return credentials.access_token
+    return _refresh(mailbox, margin, force_refresh=force_refresh, rejected_token=rejected_token)
+
+
+def _refresh(
+    mailbox: Mailbox, margin: int, *, force_refresh: bool, rejected_token: str | None
+) -> str:
+    provider = get_provider(mailbox.provider)
+    revoked: GrantRevokedError | None = None
+    with transaction.atomic():
+        locked = Mailbox.objects.select_for_update().get(pk=mailbox.pk)
+        credentials = (
+            MailboxCredentials.objects.select_for_update().filter(pk=mailbox.pk).first()
+        )
+        if locked.status != Mailbox.Status.ACTIVE:
+            raise MailboxUnavailableError(
+                f"Mailbox {locked.pk} is {locked.status}; it cannot be used to send."
+            )
+        if credentials is None or not credentials.refresh_token:
+            raise MailboxUnavailableError(f"Mailbox {locked.pk} holds no refresh token.")
+        # Re-check under the lock: another thread or process may have
+        # refreshed while this one waited.
+        if credentials.access_token_valid(margin) and (
+            not force_refresh
+            or (rejected_token is not None and credentials.access_token != rejected_token)
+        ):
+            return credentials.access_token
+        try:
+            response = provider.refresh(credentials.refresh_token)
+        except GrantRevokedError as exc:
+            # Record the fall in this same transaction (the lock is still
+            # held); the exception is raised once it has committed.
+            revoked = exc
+            changed = mark_needs_reconsent_locked(locked, credentials, "invalid_grant")
+        else:
+            now = timezone.now()
+            # A rotated refresh token is saved in the same transaction as
+            # the access token it came with.
+            apply_token_response(credentials, response, now=now)
+            credentials.save()
+            fields = {"last_refreshed_at": now}
+            if response.scopes is not None and sorted(set(response.scopes)) != sorted(
+                locked.scopes or []
+            ):
+                locked.scopes = sorted(set(response.scopes))
+                locked.save(update_fields=["scopes"])
+            Mailbox.objects.filter(pk=locked.pk).update(**fields)
+            mailbox.last_refreshed_at = now
+            token = credentials.access_token
+    if revoked is not None:
+        mailbox.status = locked.status
+        logger.warning("mailbox %s: refresh refused with invalid_grant", mailbox.pk)
+        if changed:
+            mailbox_needs_reconsent.send(sender=Mailbox, mailbox=locked, reason="invalid_grant")
+        raise revoked
+    logger.info("mailbox %s: access token refreshed", mailbox.pk)
+    token_refreshed.send(sender=Mailbox, mailbox=mailbox)
+    return token

@@ -1,0 +1,139 @@
+"""Settings of the demo site (and the base of the test settings).
+
+Runs on embedded defaults: SQLite in ``var/``, a generated secret key, a
+generated encryption key file, and the demo authorization server and SMTP
+server that ``make demo`` starts. ``DATABASE_URL`` selects PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("MAILGOV_VAR_DIR", BASE_DIR / "var"))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _secret_from_file(path: Path) -> str:
+    """A random secret kept in ``var/``: a demo never ships a fixed one."""
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(50))
+    return path.read_text().strip()
+
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or _secret_from_file(VAR_DIR / "secret_key")
+DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
+ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "auditlog",
+    "mailgov",
+    "project.demo",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "auditlog.middleware.AuditlogMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+WSGI_APPLICATION = "project.wsgi.application"
+
+
+def database_config(default_sqlite: Path) -> dict:
+    """``DATABASE_URL`` (via dj-database-url) or SQLite at ``default_sqlite``."""
+    config = dj_database_url.config(default=f"sqlite:///{default_sqlite}", conn_max_age=0)
+    if config["ENGINE"] == "django.db.backends.sqlite3":
+        config.setdefault("OPTIONS", {}).update(
+            # Single-flight token refresh across processes: take the write
+            # lock at BEGIN (select_for_update() is a no-op on SQLite). The
+            # lock timeout exceeds the HTTP timeout of a refresh.
+            {"transaction_mode": "IMMEDIATE", "timeout": 30}
+        )
+    return config
+
+
+DATABASES = {"default": database_config(VAR_DIR / "db.sqlite3")}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LANGUAGE_CODE = "en"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = VAR_DIR / "static"
+LOGIN_URL = "/admin/login/"
+LOGIN_REDIRECT_URL = "/"
+
+EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
+DEFAULT_FROM_EMAIL = "alice@example.test"
+
+# --- mailgov ---------------------------------------------------------------
+MAILGOV_ENCRYPTION_KEYS_FILE = os.environ.get(
+    "MAILGOV_ENCRYPTION_KEYS_FILE", str(VAR_DIR / "mailgov-keys.txt")
+)
+AUTHSERVER_URL = os.environ.get("MAILGOV_AUTHSERVER_URL", "http://127.0.0.1:8001")
+DEMO_SMTP_PORT = int(os.environ.get("MAILGOV_DEMO_SMTP_PORT", "8025"))
+DEMO_TLS_DIR = Path(os.environ.get("MAILGOV_DEMO_TLS_DIR", VAR_DIR / "tls"))
+DEMO_MAILDIR = Path(os.environ.get("MAILGOV_DEMO_MAILDIR", VAR_DIR / "mail"))
+MAILGOV_PROVIDERS = {
+    "demo": {
+        "type": "oidc",
+        "name": "Demo identity provider",
+        "server_url": AUTHSERVER_URL,
+        "client_id": os.environ.get("MAILGOV_DEMO_CLIENT_ID", "mailgov-demo"),
+        "client_secret": os.environ.get("MAILGOV_DEMO_CLIENT_SECRET", "mailgov-demo-secret"),
+        "send_scopes": ["mail.send"],
+        "smtp_host": "127.0.0.1",
+        "smtp_port": DEMO_SMTP_PORT,
+        "smtp_security": "starttls",
+        # The demo trusts the locally generated CA alone.
+        "ca_bundle": str(DEMO_TLS_DIR / "ca.pem"),
+    },
+}
+DEMO_REDIRECT_URI = os.environ.get(
+    "MAILGOV_DEMO_REDIRECT_URI", "http://127.0.0.1:8000/demo/oauth/callback/"
+)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {"mailgov": {"handlers": ["console"], "level": "INFO"}},
+}

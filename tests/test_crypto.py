@@ -1,0 +1,178 @@
+"""The keyring and the AES-GCM envelope (no database)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from django.test import override_settings
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailgov import crypto
+from mailgov.exceptions import DecryptionError, KeyringError, MailgovConfigurationError
+
+CTX = {"label": "mailgov.mailboxcredentials", "field_name": "access_token", "pk": "row-1"}
+
+
+def test_round_trip_and_envelope_format():
+    value = crypto.encrypt("ya29.secret-token", **CTX)
+    assert value.startswith("mg1$test1$")
+    assert "ya29" not in value
+    assert crypto.decrypt(value, **CTX) == "ya29.secret-token"
+
+
+def test_same_value_twice_gives_different_ciphertexts():
+    assert crypto.encrypt("same", **CTX) != crypto.encrypt("same", **CTX)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"pk": "row-2"},
+        {"field_name": "refresh_token"},
+        {"label": "other.model"},
+    ],
+)
+def test_value_bound_to_row_field_and_model(other):
+    value = crypto.encrypt("token", **CTX)
+    with pytest.raises(DecryptionError) as info:
+        crypto.decrypt(value, **{**CTX, **other})
+    assert "authentication failed" in str(info.value)
+    assert value not in str(info.value)
+
+
+def test_flipped_byte_fails_naming_row_and_field():
+    value = crypto.encrypt("token", **CTX)
+    head, body = value.rsplit("$", 1)
+    raw = bytearray(base64.urlsafe_b64decode(body))
+    raw[-5] ^= 0x01
+    tampered = f"{head}${base64.urlsafe_b64encode(bytes(raw)).decode()}"
+    with pytest.raises(DecryptionError) as info:
+        crypto.decrypt(tampered, **CTX)
+    message = str(info.value)
+    assert "mailgov.mailboxcredentials.access_token of row row-1" in message
+    assert "token" not in message.replace("access_token", "")
+
+
+def test_wrong_key_fails():
+    value = crypto.encrypt("token", **CTX)
+    with (
+        override_settings(MAILGOV_ENCRYPTION_KEYS=[crypto.generate_key_entry("test1")]),
+        pytest.raises(DecryptionError, match="authentication failed"),
+    ):
+        crypto.decrypt(value, **CTX)
+
+
+def test_unknown_key_id_fails():
+    value = crypto.encrypt("token", **CTX)
+    with (
+        override_settings(MAILGOV_ENCRYPTION_KEYS=[crypto.generate_key_entry("other")]),
+        pytest.raises(DecryptionError, match="unknown key id 'test1'"),
+    ):
+        crypto.decrypt(value, **CTX)
+
+
+def test_relabelled_key_id_fails():
+    # Two keys; a value re-headed with the other key id must not decrypt,
+    # because the key id is part of the associated data.
+    keys = [crypto.generate_key_entry("a"), crypto.generate_key_entry("b")]
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=keys):
+        value = crypto.encrypt("token", **CTX)
+        relabelled = value.replace("$a$", "$b$", 1)
+        with pytest.raises(DecryptionError):
+            crypto.decrypt(relabelled, **CTX)
+
+
+@pytest.mark.parametrize("value", ["", "plain-token", "mg1$test1$", "mg1$test1$!!!", "mg2$x$abc"])
+def test_malformed_values_fail_never_returned(value):
+    with pytest.raises(DecryptionError):
+        crypto.decrypt(value, **CTX)
+
+
+def test_old_keys_still_decrypt_after_a_new_primary():
+    old = crypto.generate_key_entry("old")
+    new = crypto.generate_key_entry("new")
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[old]):
+        value = crypto.encrypt("token", **CTX)
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[new, old]):
+        assert crypto.decrypt(value, **CTX) == "token"
+        assert crypto.encrypt("token", **CTX).startswith("mg1$new$")
+
+
+@pytest.mark.parametrize(
+    ("keys", "code"),
+    [
+        ([], "missing"),
+        (["nocolon"], "malformed"),
+        (["bad id!:" + base64.b64encode(b"k" * 32).decode()], "malformed"),
+        (["k:" + base64.b64encode(b"short").decode()], "length"),
+        (["k:%%%notbase64"], "malformed"),
+        ([crypto.generate_key_entry("k"), crypto.generate_key_entry("k")], "duplicate"),
+    ],
+)
+def test_bad_keyrings_refuse_to_work(keys, code):
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=keys):
+        if keys:
+            with pytest.raises(KeyringError) as info:
+                crypto.get_keyring()
+            assert info.value.code == code
+        else:
+            # An empty list falls through to the (unset) file: nothing to use.
+            with pytest.raises(KeyringError) as info:
+                crypto.encrypt("token", **CTX)
+            assert info.value.code == code
+        assert isinstance(info.value, MailgovConfigurationError)
+        for entry in keys:
+            secret = entry.partition(":")[2]
+            if secret:
+                assert secret not in str(info.value)
+
+
+def test_keys_from_environment(monkeypatch):
+    entry = crypto.generate_key_entry("envkey")
+    monkeypatch.setenv("MAILGOV_ENCRYPTION_KEYS", entry + "," + crypto.generate_key_entry("x"))
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=None):
+        assert crypto.get_keyring().key_ids == ["envkey", "x"]
+        crypto.reset_keyring()
+
+
+def test_keys_from_file(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text(f"# primary first\n{crypto.generate_key_entry('f1')}\n\n")
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=None, MAILGOV_ENCRYPTION_KEYS_FILE=str(path)):
+        assert crypto.get_keyring().primary_id == "f1"
+    with (
+        override_settings(
+            MAILGOV_ENCRYPTION_KEYS=None, MAILGOV_ENCRYPTION_KEYS_FILE=str(tmp_path / "missing")
+        ),
+        pytest.raises(KeyringError) as info,
+    ):
+        crypto.get_keyring()
+    assert info.value.code == "unreadable"
+
+
+def test_key_is_not_secret_key_derived(settings):
+    # Changing SECRET_KEY changes nothing about what decrypts.
+    value = crypto.encrypt("token", **CTX)
+    settings.SECRET_KEY = "something-else-entirely"
+    assert crypto.decrypt(value, **CTX) == "token"
+
+
+@given(st.text(max_size=2048), st.text(min_size=1, max_size=40))
+def test_property_round_trip(plaintext, pk):
+    ctx = {**CTX, "pk": pk}
+    assert crypto.decrypt(crypto.encrypt(plaintext, **ctx), **ctx) == plaintext
+
+
+@given(st.text(min_size=1, max_size=256), st.data())
+def test_property_any_flipped_bit_is_detected(plaintext, data):
+    value = crypto.encrypt(plaintext, **CTX)
+    head, body = value.rsplit("$", 1)
+    raw = bytearray(base64.urlsafe_b64decode(body))
+    index = data.draw(st.integers(min_value=0, max_value=len(raw) - 1))
+    bit = data.draw(st.integers(min_value=0, max_value=7))
+    raw[index] ^= 1 << bit
+    tampered = f"{head}${base64.urlsafe_b64encode(bytes(raw)).decode()}"
+    with pytest.raises(DecryptionError):
+        crypto.decrypt(tampered, **CTX)

@@ -13,7 +13,8 @@ from datetime import timedelta
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Case, F, Q, TextField, Value, When
+from django.db.models.functions import Cast
 from django.utils import timezone
 
 from mailgov.conf import mailgov_settings
@@ -117,9 +118,7 @@ def connect_mailbox_from_code(
     endpoint unless given.
     """
     provider = get_provider(provider_id)
-    response = provider.exchange_code(
-        code, redirect_uri=redirect_uri, code_verifier=code_verifier
-    )
+    response = provider.exchange_code(code, redirect_uri=redirect_uri, code_verifier=code_verifier)
     if address is None:
         claims = provider.userinfo(response.access_token)
         email = claims.get("email")
@@ -159,9 +158,7 @@ def mark_needs_reconsent(mailbox: Mailbox, reason: str) -> bool:
     """Wipe ``mailbox``'s tokens and set ``needs_reconsent``; signal once."""
     with transaction.atomic():
         locked = Mailbox.objects.select_for_update().get(pk=mailbox.pk)
-        credentials = (
-            MailboxCredentials.objects.select_for_update().filter(pk=mailbox.pk).first()
-        )
+        credentials = MailboxCredentials.objects.select_for_update().filter(pk=mailbox.pk).first()
         changed = mark_needs_reconsent_locked(locked, credentials, reason)
     mailbox.status = locked.status
     mailbox.revocation_reason = locked.revocation_reason
@@ -181,16 +178,23 @@ class RotationResult:
 
 
 def _encrypted_fields() -> list[EncryptedTextField]:
-    return [MailboxCredentials._meta.get_field(name) for name in MailboxCredentials.ENCRYPTED_FIELDS]
+    return [
+        MailboxCredentials._meta.get_field(name) for name in MailboxCredentials.ENCRYPTED_FIELDS
+    ]
 
 
 def rotation_pending():
     """Credentials rows holding a value not under the primary key."""
     prefix = get_keyring().primary_prefix
     pending = Q()
-    for name in MailboxCredentials.ENCRYPTED_FIELDS:
-        pending |= Q(**{f"{name}__isnull": False}) & ~Q(**{f"{name}__startswith": prefix})
-    return MailboxCredentials.objects.filter(pending)
+    # Compare the stored text as plain text: a lookup on the encrypted field
+    # itself would treat the prefix as a plaintext to encrypt (and refuse).
+    heads = {
+        f"_{name}_raw": Cast(name, TextField()) for name in MailboxCredentials.ENCRYPTED_FIELDS
+    }
+    for alias in heads:
+        pending |= Q(**{f"{alias}__isnull": False}) & ~Q(**{f"{alias}__startswith": prefix})
+    return MailboxCredentials.objects.alias(**heads).filter(pending)
 
 
 def key_usage() -> dict[str, int]:
@@ -203,6 +207,24 @@ def key_usage() -> dict[str, int]:
                 key_id = key_id_of(value.ciphertext) or "(unreadable header)"
                 counts[key_id] = counts.get(key_id, 0) + 1
     return counts
+
+
+def _write_sealed(rows: list[MailboxCredentials], fields: list[EncryptedTextField]) -> None:
+    """One UPDATE for a batch of rows whose sealed values were re-encrypted.
+
+    Not ``bulk_update()``: it reads values through the descriptor, i.e. as
+    plaintext, which the field rightly refuses to write.
+    """
+    assignments = {}
+    for field_ in fields:
+        whens = [
+            When(pk=row.pk, then=Value(value.ciphertext, output_field=TextField()))
+            for row in rows
+            if isinstance(value := row.__dict__.get(field_.attname), Sealed)
+        ]
+        if whens:
+            assignments[field_.name] = Case(*whens, default=F(field_.name), output_field=field_)
+    MailboxCredentials.objects.filter(pk__in=[row.pk for row in rows]).update(**assignments)
 
 
 def rotate_keys(
@@ -247,9 +269,7 @@ def rotate_keys(
                     continue
                 changed.append(credentials)
             if changed:
-                MailboxCredentials.objects.bulk_update(
-                    changed, [f.name for f in fields], batch_size=batch_size
-                )
+                _write_sealed(changed, fields)
             last_pk = batch[-1].pk
         result.rotated += rotated
         result.rows += len(changed)

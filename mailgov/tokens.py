@@ -60,9 +60,7 @@ def _refresh(
     revoked: GrantRevokedError | None = None
     with transaction.atomic():
         locked = Mailbox.objects.select_for_update().get(pk=mailbox.pk)
-        credentials = (
-            MailboxCredentials.objects.select_for_update().filter(pk=mailbox.pk).first()
-        )
+        credentials = MailboxCredentials.objects.select_for_update().filter(pk=mailbox.pk).first()
         if locked.status != Mailbox.Status.ACTIVE:
             raise MailboxUnavailableError(
                 f"Mailbox {locked.pk} is {locked.status}; it cannot be used to send."

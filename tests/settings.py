@@ -13,12 +13,11 @@ os.environ.setdefault(
     "MAILGOV_VAR_DIR", str(Path(tempfile.gettempdir()) / f"mailgov-test-var-{os.getpid()}")
 )
 
-from project.settings import *  # noqa: E402, F403
-from project.settings import DATABASES, VAR_DIR  # noqa: E402
+from mailgov.crypto import generate_key_entry
+from project.settings import *  # noqa: F403
+from project.settings import DATABASES, VAR_DIR
 
-from mailgov.crypto import generate_key_entry  # noqa: E402
-
-SECRET_KEY = "test-only-secret-key-not-for-production"  # noqa: S105
+SECRET_KEY = "test-only-secret-key-not-for-production"
 DEBUG = False
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 

@@ -270,7 +270,9 @@ class EmailBackend(smtp.EmailBackend):
         if "XOAUTH2" not in mechanisms:
             raise SMTPSecurityError("The SMTP server does not offer AUTH XOAUTH2 after TLS.")
         # Not smtplib's auth(): it treats a 503 reply as success.
-        code, reply = connection.docmd("AUTH", "XOAUTH2 " + xoauth2_initial_response(address, token))
+        code, reply = connection.docmd(
+            "AUTH", "XOAUTH2 " + xoauth2_initial_response(address, token)
+        )
         if code == 334:
             # The server's JSON error challenge: an empty answer makes the
             # failure arrive as a 535.
@@ -290,9 +292,11 @@ class EmailBackend(smtp.EmailBackend):
             self._authenticate(mailbox.address, token)
         except smtplib.SMTPAuthenticationError as exc:
             self.close()
-            reply = exc.smtp_error.decode("utf-8", "replace") if isinstance(
-                exc.smtp_error, bytes
-            ) else str(exc.smtp_error)
+            reply = (
+                exc.smtp_error.decode("utf-8", "replace")
+                if isinstance(exc.smtp_error, bytes)
+                else str(exc.smtp_error)
+            )
             if "5.7.139" in reply:
                 # Microsoft: SMTP AUTH disabled for the tenant or mailbox.
                 # A refresh or re-consent will not help; the owner must be told.
@@ -505,9 +509,7 @@ class EmailBackend(smtp.EmailBackend):
         finally:
             if new_connection:
                 self.close()
-            post_send.send(
-                sender=type(self), mailbox=mailbox, sent=sent, failed=len(items) - sent
-            )
+            post_send.send(sender=type(self), mailbox=mailbox, sent=sent, failed=len(items) - sent)
         return sent
 
     def _record(self, logs: list[SendLog]) -> None:

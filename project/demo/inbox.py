@@ -54,7 +54,7 @@ def list_messages(limit: int = 200) -> list[InboxMessage]:
         return []
     items = []
     for key in box.iterkeys():
-        path = Path(box._path) / box._lookup(key)  # noqa: SLF001  (mtime for ordering)
+        path = Path(box._path) / box._lookup(key)
         items.append((path.stat().st_mtime, key, path))
     items.sort(reverse=True)
     return [_parse(key, path.read_bytes(), False) for _, key, path in items[:limit]]

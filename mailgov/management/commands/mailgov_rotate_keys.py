@@ -24,8 +24,10 @@ class Command(BaseCommand):
         if dry_run:
             usage = key_usage()
             for key_id in sorted(set(usage) | set(keyring.key_ids)):
-                role = "primary" if key_id == keyring.primary_id else (
-                    "decrypt-only" if key_id in keyring.ciphers else "NOT IN KEYRING"
+                role = (
+                    "primary"
+                    if key_id == keyring.primary_id
+                    else ("decrypt-only" if key_id in keyring.ciphers else "NOT IN KEYRING")
                 )
                 self.stdout.write(f"{key_id}: {usage.get(key_id, 0)} values ({role})")
             self.stdout.write(f"rows to rotate: {rotation_pending().count()}")

@@ -1,0 +1,430 @@
+"""Start the peers mailgov talks to (servers in their own processes) for tests and demos.
+
+- ``ServerProcess``: a command in its own process group, its output in a log
+  file, "ready" once a TCP port accepts or an HTTP URL answers 2xx.
+- ``start_authserver()``: the demo OAuth2/OIDC authorization server
+  (``project.authserver``) with a fresh data directory, migrated and seeded.
+
+Secrets (client secrets, passwords) reach child processes through the
+environment, never the command line, which any local user can read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import requests
+
+__all__ = [
+    "AuthServer",
+    "DemoUser",
+    "PeerStartError",
+    "ServerProcess",
+    "free_port",
+    "run_command",
+    "start_authserver",
+]
+
+LOG_TAIL_LINES = 40
+
+
+class PeerStartError(RuntimeError):
+    """A peer process failed to start: it exited, or was not ready in time.
+
+    The message ends with the tail of the process's log.
+    """
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that was free a moment ago.
+
+    The port is released before returning, so another process may take it first;
+    ``ServerProcess`` then fails with the server's own "address in use" in its log.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+class ServerProcess:
+    """A server command run in its own process group, output appended to ``log_path``.
+
+    Ready means: ``ready_url`` answers with a 2xx status if given, else
+    ``(ready_host, ready_port)`` accepts a TCP connection if given, else merely
+    started. ``start()`` returns only once ready; it raises ``PeerStartError``
+    (with the log tail) if the process exits first or ``timeout`` seconds pass,
+    and then the process group is already stopped.
+
+    ``stop()`` sends SIGTERM to the whole group (the server and anything it
+    spawned), SIGKILL after ``grace`` seconds; it is idempotent. Used as a context
+    manager it starts on enter (if not yet started) and stops on exit. A process
+    still running when the interpreter exits is stopped too.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        ready_url: str | None = None,
+        ready_port: int | None = None,
+        ready_host: str = "127.0.0.1",
+        timeout: float = 30.0,
+        name: str | None = None,
+    ) -> None:
+        self.args = list(args)
+        self.log_path = Path(log_path)
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.ready_url = ready_url
+        self.ready_port = ready_port
+        self.ready_host = ready_host
+        self.timeout = timeout
+        self.name = name or Path(self.args[0]).name
+        self.popen: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """``None`` while running (or never started), else the exit status."""
+        return self.popen.poll() if self.popen is not None else None
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return _tail(self.log_path, lines)
+
+    def start(self) -> ServerProcess:
+        """Start the process and wait until it is ready; see the class docstring."""
+        if self.popen is not None:
+            raise RuntimeError(f"{self.name} was already started")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            self.args,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.cwd,
+            # Own session, so its group can be signalled without touching ours
+            # (and a Ctrl-C in the terminal does not race our own shutdown).
+            start_new_session=True,
+        )
+        # If a test forgets stop(), do not leave a server behind at exit.
+        self._finalizer = weakref.finalize(self, _kill_group, self.popen.pid, signal.SIGKILL)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self.popen is not None
+        deadline = time.monotonic() + self.timeout
+        session = requests.Session()
+        session.trust_env = False  # a proxy from the environment must not see 127.0.0.1
+        try:
+            while True:
+                if self.popen.poll() is not None:
+                    raise PeerStartError(
+                        f"{self.name} exited with status {self.popen.returncode} before it "
+                        f"was ready; log {self.log_path}:\n{self.log_tail()}"
+                    )
+                if self._is_ready(session):
+                    return
+                if time.monotonic() > deadline:
+                    raise PeerStartError(
+                        f"{self.name} was not ready after {self.timeout:g} s; "
+                        f"log {self.log_path}:\n{self.log_tail()}"
+                    )
+                time.sleep(0.05)
+        finally:
+            session.close()
+
+    def _is_ready(self, session: requests.Session) -> bool:
+        if self.ready_url is not None:
+            try:
+                response = session.get(self.ready_url, timeout=2, allow_redirects=False)
+            except requests.RequestException:
+                return False
+            return 200 <= response.status_code < 300
+        if self.ready_port is not None:
+            try:
+                with socket.create_connection((self.ready_host, self.ready_port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+        return True
+
+    def stop(self, grace: float = 5.0) -> int | None:
+        """Stop the process group; return the exit status (``None`` if never started)."""
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            _kill_group(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                _kill_group(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.popen.returncode
+
+    def __enter__(self) -> ServerProcess:
+        if self.popen is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def run_command(
+    args: Sequence[str],
+    *,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 120.0,
+) -> None:
+    """Run a one-shot command to completion, output appended to ``log_path``.
+
+    Raises ``PeerStartError`` with the log tail if it fails or times out.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        log.write(f"$ {' '.join(args)}\n".encode())
+        log.flush()
+        try:
+            completed = subprocess.run(
+                list(args),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise PeerStartError(
+                f"{' '.join(args[:4])} timed out after {timeout:g} s; "
+                f"log {log_path}:\n{_tail(log_path)}"
+            ) from None
+    if completed.returncode != 0:
+        raise PeerStartError(
+            f"{' '.join(args[:4])} failed with status {completed.returncode}; "
+            f"log {log_path}:\n{_tail(log_path)}"
+        )
+
+
+@dataclass(frozen=True)
+class DemoUser:
+    """A user account on the demo authorization server."""
+
+    username: str
+    password: str
+    email: str
+
+
+@dataclass
+class AuthServer:
+    """A running demo authorization server (see ``start_authserver``).
+
+    ``url`` is the issuer, without a trailing slash; ``users`` maps username to
+    ``DemoUser`` (``alice``, ``bob``). ``client_id``/``client_secret`` are the
+    confidential authorization-code client (the mailgov site), registered with
+    ``redirect_uris``; ``smtp_client_id``/``smtp_client_secret`` the
+    client-credentials client that introspects tokens.
+    """
+
+    url: str
+    data_dir: Path
+    client_id: str
+    client_secret: str = field(repr=False)
+    smtp_client_id: str
+    smtp_client_secret: str = field(repr=False)
+    users: dict[str, DemoUser] = field(repr=False)
+    process: ServerProcess
+    redirect_uris: list[str] = field(default_factory=list)
+
+    @property
+    def discovery_url(self) -> str:
+        return f"{self.url}/.well-known/openid-configuration"
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
+
+    def metadata(self, timeout: float = 10) -> dict[str, Any]:
+        """The discovery document, fetched now."""
+        with requests.Session() as session:
+            session.trust_env = False
+            response = session.get(self.discovery_url, timeout=timeout)
+            response.raise_for_status()
+            return response.json()
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def __enter__(self) -> AuthServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _repo_root() -> Path:
+    # In a checkout, manage.py sits two levels above this file; an installed
+    # mailgov has no manage.py there, so fall back to the working directory.
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "manage.py").is_file() else Path.cwd()
+
+
+def start_authserver(
+    data_dir: Path,
+    port: int | None = None,
+    *,
+    redirect_uris: list[str],
+    access_token_seconds: int | None = None,
+    python: str = sys.executable,
+    settings_module: str = "project.authserver.settings",
+    cwd: Path | None = None,
+    client_id: str = "mailgov-demo",
+    client_secret: str | None = None,
+    smtp_client_id: str = "mailgov-smtp",
+    smtp_client_secret: str | None = None,
+    fast_hashing: bool = True,
+    timeout: float = 60.0,
+) -> AuthServer:
+    """Migrate, seed and serve the demo authorization server on ``127.0.0.1:port``.
+
+    ``data_dir`` holds its database, keys and ``authserver.log`` (created if
+    missing; reusing one keeps its users and tokens). ``port`` defaults to a free
+    one. Client secrets and user passwords are random unless given, and returned
+    in the ``AuthServer``. ``fast_hashing`` (on by default: this is a throw-away
+    server) stores them with MD5 rather than PBKDF2, which otherwise costs about
+    0.3 s per client authentication. ``cwd`` must contain ``manage.py`` (default: the
+    repository holding this file, else the working directory). Returns once the
+    discovery document answers 200; the caller stops it with ``.stop()`` or a
+    ``with`` block. Raises ``PeerStartError`` (with the log tail) on failure.
+    """
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    cwd = Path(cwd) if cwd is not None else _repo_root()
+    users = {
+        name: DemoUser(name, secrets.token_urlsafe(16), f"{name}@example.test")
+        for name in ("alice", "bob")
+    }
+    client_secret = client_secret or secrets.token_urlsafe(32)
+    smtp_client_secret = smtp_client_secret or secrets.token_urlsafe(32)
+
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": settings_module,
+        "PYTHONUNBUFFERED": "1",
+        "MAILGOV_AUTHSERVER_DIR": str(data_dir),
+        "MAILGOV_AUTHSERVER_URL": url,
+        "MAILGOV_DEMO_CLIENT_ID": client_id,
+        "MAILGOV_DEMO_CLIENT_SECRET": client_secret,
+        "MAILGOV_DEMO_REDIRECT_URIS": " ".join(redirect_uris),
+        "MAILGOV_SMTP_CLIENT_ID": smtp_client_id,
+        "MAILGOV_SMTP_CLIENT_SECRET": smtp_client_secret,
+        "MAILGOV_DEMO_ALICE_PASSWORD": users["alice"].password,
+        "MAILGOV_DEMO_BOB_PASSWORD": users["bob"].password,
+    }
+    if fast_hashing:
+        env["MAILGOV_AUTHSERVER_INSECURE_FAST_HASHING"] = "1"
+    else:
+        env.pop("MAILGOV_AUTHSERVER_INSECURE_FAST_HASHING", None)
+    if access_token_seconds is not None:
+        env["MAILGOV_AUTHSERVER_ACCESS_TOKEN_SECONDS"] = str(access_token_seconds)
+    else:
+        env.pop("MAILGOV_AUTHSERVER_ACCESS_TOKEN_SECONDS", None)
+
+    log_path = data_dir / "authserver.log"
+    manage = [python, "manage.py"]
+    settings_arg = f"--settings={settings_module}"
+    run_command(
+        [*manage, "migrate", "--no-input", "-v0", settings_arg],
+        log_path=log_path,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+    run_command(
+        [*manage, "authserver_seed", settings_arg],
+        log_path=log_path,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+    process = ServerProcess(
+        [*manage, "runserver", f"127.0.0.1:{port}", "--noreload", settings_arg],
+        log_path=log_path,
+        env=env,
+        cwd=cwd,
+        ready_url=f"{url}/.well-known/openid-configuration",
+        timeout=timeout,
+        name="authserver",
+    ).start()
+    return AuthServer(
+        url=url,
+        data_dir=data_dir,
+        client_id=client_id,
+        client_secret=client_secret,
+        smtp_client_id=smtp_client_id,
+        smtp_client_secret=smtp_client_secret,
+        users=users,
+        process=process,
+        redirect_uris=list(redirect_uris),
+    )

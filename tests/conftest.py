@@ -1,0 +1,162 @@
+"""Fixtures: the real peers (demo authorization server, SMTP server) and factories.
+
+The peers start once per test session: the authorization server as its own
+process with its own database, the SMTP server in a thread of this process
+(so a test can flip its fault switches and read what it saw).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from mailgov.crypto import reset_keyring
+from mailgov.models import Mailbox, MailboxCredentials
+from mailgov.pkce import make_pkce_pair
+from mailgov.providers.oidc import clear_discovery_cache
+from mailgov.services import connect_mailbox_from_code
+from mailgov.testing.ca import TLSFiles, ensure_tls_files
+from mailgov.testing.oauth import authorize
+from mailgov.testing.peers import AuthServer, start_authserver
+from mailgov.testing.smtpserver import Faults, SubmissionServer
+
+REDIRECT_URI = "http://127.0.0.1:8000/demo/oauth/callback/"
+SEND_SCOPE = "mail.send"
+SCOPES = ["openid", "email", "profile", SEND_SCOPE]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keyring():
+    reset_keyring()
+    yield
+    reset_keyring()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory) -> TLSFiles:
+    return ensure_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def authserver(tmp_path_factory) -> Iterator[AuthServer]:
+    with start_authserver(
+        tmp_path_factory.mktemp("authserver"), redirect_uris=[REDIRECT_URI]
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def smtp_server(authserver, tls_files) -> Iterator[SubmissionServer]:
+    server = SubmissionServer(
+        tls=tls_files,
+        introspection_url=authserver.metadata()["introspection_endpoint"],
+        introspection_client=(authserver.smtp_client_id, authserver.smtp_client_secret),
+        required_scope=SEND_SCOPE,
+    )
+    with server:
+        yield server
+
+
+@pytest.fixture
+def smtp(smtp_server) -> Iterator[SubmissionServer]:
+    """The SMTP server, emptied and with no fault switched on."""
+    smtp_server.clear()
+    smtp_server.faults = Faults()
+    yield smtp_server
+    smtp_server.faults = Faults()
+
+
+def provider_config(authserver: AuthServer, smtp_server: SubmissionServer, tls: TLSFiles) -> dict:
+    return {
+        "type": "oidc",
+        "name": "Demo identity provider",
+        "server_url": authserver.url,
+        "client_id": authserver.client_id,
+        "client_secret": authserver.client_secret,
+        "send_scopes": [SEND_SCOPE],
+        "smtp_host": "127.0.0.1",
+        "smtp_port": smtp_server.port,
+        "smtp_security": "starttls",
+        "ca_bundle": str(tls.ca_cert),
+    }
+
+
+@pytest.fixture
+def demo_provider(settings, authserver, smtp_server, tls_files) -> dict:
+    """Point mailgov's ``demo`` provider at the running peers."""
+    config = provider_config(authserver, smtp_server, tls_files)
+    settings.MAILGOV_PROVIDERS = {"demo": config}
+    clear_discovery_cache()
+    return config
+
+
+@pytest.fixture
+def site_user(django_user_model) -> Callable[[str], object]:
+    def make(username: str = "alice"):
+        user, _ = django_user_model.objects.get_or_create(
+            username=username, defaults={"email": f"{username}@example.test"}
+        )
+        return user
+
+    return make
+
+
+@pytest.fixture
+def connect(authserver, demo_provider, site_user) -> Callable[..., Mailbox]:
+    """Connect a mailbox through the real authorization-code flow with PKCE.
+
+    The demo authorization server signs the user in and records consent;
+    mailgov redeems the code itself. No token is written by hand.
+    """
+
+    def make(username: str = "alice", scopes: list[str] | None = None) -> Mailbox:
+        scopes = scopes or SCOPES
+        verifier, challenge = make_pkce_pair()
+        result = authorize(
+            authserver.url,
+            client_id=authserver.client_id,
+            redirect_uri=REDIRECT_URI,
+            scopes=scopes,
+            username=username,
+            password=authserver.users[username].password,
+            code_challenge=challenge,
+            state=secrets.token_urlsafe(16),
+        )
+        assert result.code, result.error
+        return connect_mailbox_from_code(
+            owner=site_user(username),
+            provider_id="demo",
+            code=result.code,
+            code_verifier=verifier,
+            redirect_uri=REDIRECT_URI,
+            requested_scopes=scopes,
+        )
+
+    return make
+
+
+def secrets_of(mailbox: Mailbox) -> list[str]:
+    """The token values currently stored for ``mailbox`` (for leak greps)."""
+    credentials = MailboxCredentials.objects.get(pk=mailbox.pk)
+    return [v for v in (credentials.access_token, credentials.refresh_token) if v]
+
+
+@pytest.fixture
+def leak_check(caplog, capsys) -> Callable[[list[str]], None]:
+    """Collect every log record (DEBUG and up); ``check(values)`` greps all output."""
+    caplog.set_level(logging.DEBUG)
+
+    def check(values: list[str]) -> None:
+        captured = capsys.readouterr()
+        text = "\n".join(
+            [caplog.text, captured.out, captured.err]
+            + [str(r.args) for r in caplog.records]
+            + [str(getattr(r, "exc_text", "") or "") for r in caplog.records]
+        )
+        for value in values:
+            assert value and value not in text, "a secret reached the logs or output"
+
+    return check

@@ -1,0 +1,337 @@
+"""The XOAUTH2 email backend against the real SMTP server and authorization server."""
+
+from __future__ import annotations
+
+import smtplib
+import sqlite3
+import ssl
+
+import pytest
+from auditlog.models import LogEntry
+from django.core.mail import EmailMessage, get_connection, send_mail
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from mailgov.backends.smtp import EmailBackend, xoauth2_initial_response
+from mailgov.exceptions import (
+    ConsentRequiredError,
+    GrantRevokedError,
+    InvalidMessageError,
+    MailboxUnavailableError,
+    SMTPAuthenticationRejected,
+    SMTPSecurityError,
+)
+from mailgov.models import Mailbox, MailboxCredentials, SendLog
+from mailgov.providers import get_provider
+from mailgov.signals import mailbox_needs_reconsent
+from tests.conftest import secrets_of
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+BACKEND = "mailgov.backends.smtp.EmailBackend"
+
+
+@pytest.fixture(autouse=True)
+def _backend(settings):
+    settings.EMAIL_BACKEND = BACKEND
+
+
+def auth_lines(server) -> list[str]:
+    return [line for line in server.transcript if line.upper().startswith("AUTH")]
+
+
+def test_send_mail_end_to_end(connect, smtp, leak_check):
+    mailbox = connect("alice")
+    assert mailbox.status == Mailbox.Status.ACTIVE
+    assert mailbox.address == "alice@example.test"
+    sent = send_mail("Hello", "Body text", "Alice <alice@example.test>", ["bob@example.test"])
+    assert sent == 1
+    [received] = smtp.messages
+    assert received.auth_mechanism.upper() == "XOAUTH2"
+    assert received.auth_user == "alice@example.test"
+    # The envelope is the parsed addresses.
+    assert received.mail_from == "alice@example.test"
+    assert received.rcpt_tos == ["bob@example.test"]
+    assert b"Subject: Hello" in received.data
+    [log] = SendLog.objects.all()
+    assert log.status == SendLog.Status.SENT
+    assert log.recipient_count == 1
+    assert log.message_id and log.message_id.encode() in received.data
+    mailbox.refresh_from_db()
+    assert mailbox.last_used_at is not None
+    # Nothing secret in logs, output, or the server's transcript.
+    values = secrets_of(mailbox)
+    values.append(xoauth2_initial_response(mailbox.address, values[0]))
+    leak_check(values)
+    transcript = "\n".join(smtp.transcript)
+    assert all(value not in transcript for value in values)
+
+
+def test_email_message_batch_one_connection_one_insert(connect, smtp):
+    connect("alice")
+    messages = [
+        EmailMessage(
+            f"Message {n}", "Body", "alice@example.test", ["bob@example.test"], bcc=["c@x.test"]
+        )
+        for n in range(3)
+    ]
+    backend = get_connection()
+    with CaptureQueriesContext(connection) as queries:
+        assert backend.send_messages(messages) == 3
+    assert smtp.connections == 1
+    assert len(auth_lines(smtp)) == 1
+    inserts = [q for q in queries.captured_queries if "INSERT" in q["sql"].upper()]
+    assert len(inserts) == 1 and "sendlog" in inserts[0]["sql"].lower()
+    assert SendLog.objects.filter(status="sent").count() == 3
+    # Bcc reaches the envelope, never the headers.
+    assert smtp.messages[0].rcpt_tos == ["bob@example.test", "c@x.test"]
+    assert b"c@x.test" not in smtp.messages[0].data
+
+
+def test_email_message_send_single(connect, smtp):
+    connect("alice")
+    assert EmailMessage("One", "Body", "alice@example.test", ["bob@example.test"]).send() == 1
+    assert len(smtp.messages) == 1
+
+
+def test_two_senders_in_one_batch_are_grouped(connect, smtp):
+    connect("alice")
+    connect("bob")
+    messages = [
+        EmailMessage("a1", "x", "alice@example.test", ["z@x.test"]),
+        EmailMessage("b1", "x", "bob@example.test", ["z@x.test"]),
+        EmailMessage("a2", "x", "alice@example.test", ["z@x.test"]),
+    ]
+    assert get_connection().send_messages(messages) == 3
+    assert smtp.connections == 2
+    users = sorted(m.auth_user for m in smtp.messages)
+    assert users == ["alice@example.test", "alice@example.test", "bob@example.test"]
+
+
+def test_explicit_mailbox_argument(connect, smtp):
+    mailbox = connect("alice")
+    with get_connection(mailbox=mailbox) as backend:
+        assert backend.connection is not None  # opened by __enter__
+        send_mail("Hi", "x", "alice@example.test", ["z@x.test"], connection=backend)
+        send_mail("Hi again", "x", "alice@example.test", ["z@x.test"], connection=backend)
+    assert smtp.connections == 1
+    assert len(smtp.messages) == 2
+    with pytest.raises(MailboxUnavailableError, match="not the address"):
+        get_connection(mailbox=mailbox.pk).send_messages(
+            [EmailMessage("x", "x", "bob@example.test", ["z@x.test"])]
+        )
+
+
+def test_expired_token_is_refreshed_then_sent(connect, smtp):
+    mailbox = connect("alice")
+    old_access, old_refresh = secrets_of(mailbox)
+    MailboxCredentials.objects.filter(pk=mailbox.pk).update(expires_at=None)
+    assert send_mail("After refresh", "x", "alice@example.test", ["z@x.test"]) == 1
+    new_access, new_refresh = secrets_of(mailbox)
+    assert new_access != old_access
+    # The demo server rotates refresh tokens; the new one was saved.
+    assert new_refresh != old_refresh
+    mailbox.refresh_from_db()
+    assert mailbox.last_refreshed_at is not None
+
+
+def test_token_revoked_at_server_needs_reconsent(connect, smtp):
+    mailbox = connect("alice")
+    _, refresh = secrets_of(mailbox)
+    assert get_provider("demo").revoke(refresh) is True
+    MailboxCredentials.objects.filter(pk=mailbox.pk).update(expires_at=None)
+    fired = []
+    mailbox_needs_reconsent.connect(lambda **kw: fired.append(kw["reason"]), weak=False)
+    try:
+        with pytest.raises(GrantRevokedError):
+            send_mail("x", "x", "alice@example.test", ["z@x.test"], fail_silently=True)
+        # Once fallen, later attempts are refused locally: no retry storm.
+        with pytest.raises(MailboxUnavailableError, match="needs_reconsent"):
+            send_mail("x", "x", "alice@example.test", ["z@x.test"])
+    finally:
+        mailbox_needs_reconsent.receivers.clear()
+    assert fired == ["invalid_grant"]
+    mailbox.refresh_from_db()
+    assert mailbox.status == Mailbox.Status.NEEDS_RECONSENT
+    credentials = MailboxCredentials.objects.get(pk=mailbox.pk)
+    assert credentials.access_token is None and credentials.refresh_token is None
+    entry = LogEntry.objects.get_for_object(mailbox).filter(action=LogEntry.Action.UPDATE).last()
+    assert entry is not None and "status" in entry.changes_dict
+    assert smtp.messages == []
+    assert SendLog.objects.filter(status="failed", error_class="GrantRevokedError").count() == 1
+
+
+def test_access_token_revoked_at_server_one_forced_refresh(connect, smtp, authserver):
+    mailbox = connect("alice")
+    access, _ = secrets_of(mailbox)
+    # The stored expiry says valid; the server has expired the access token
+    # (not the grant), so the SMTP server's introspection says no.
+    db = sqlite3.connect(authserver.data_dir / "db.sqlite3", timeout=30)
+    with db:
+        db.execute(
+            "UPDATE oauth2_provider_accesstoken SET expires = '2000-01-01 00:00:00' "
+            "WHERE user_id = (SELECT id FROM auth_user WHERE username = 'alice')"
+        )
+    db.close()
+    assert send_mail("Retry", "x", "alice@example.test", ["z@x.test"]) == 1
+    lines = auth_lines(smtp)
+    assert len(lines) == 2  # refused, then accepted with the refreshed token
+    assert [a[2] for a in smtp.auth_attempts] == [False, True]
+    assert secrets_of(mailbox)[0] != access
+
+
+def test_xoauth2_refused_twice_needs_reconsent(connect, smtp):
+    mailbox = connect("alice")
+    smtp.faults.xoauth2_challenge = True
+    with pytest.raises(SMTPAuthenticationRejected) as info:
+        send_mail("x", "x", "alice@example.test", ["z@x.test"], fail_silently=True)
+    assert info.value.smtp_code == 535
+    assert len(auth_lines(smtp)) == 2  # one forced refresh, one retry, no more
+    mailbox.refresh_from_db()
+    assert mailbox.status == Mailbox.Status.NEEDS_RECONSENT
+    assert mailbox.revocation_reason.startswith("smtp_auth_rejected")
+
+
+def test_no_starttls_never_sends_auth(connect, smtp):
+    connect("alice")
+    smtp.faults.no_starttls = True
+    with pytest.raises(SMTPSecurityError, match="STARTTLS"):
+        # fail_silently never hides a security refusal.
+        send_mail("x", "x", "alice@example.test", ["z@x.test"], fail_silently=True)
+    assert smtp.connections == 1
+    assert auth_lines(smtp) == []
+    assert not any(line.upper().startswith("MAIL") for line in smtp.transcript)
+    assert SendLog.objects.get().error_class == "SMTPSecurityError"
+
+
+def test_untrusted_certificate_refused(connect, smtp):
+    connect("alice")
+    smtp.faults.untrusted_certificate = True
+    with pytest.raises(ssl.SSLCertVerificationError):
+        send_mail("x", "x", "alice@example.test", ["z@x.test"], fail_silently=True)
+    assert auth_lines(smtp) == []
+    assert smtp.messages == []
+
+
+def test_connection_closed_after_data(connect, smtp):
+    connect("alice")
+    smtp.faults.close_after_data = True
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        send_mail("x", "x", "alice@example.test", ["z@x.test"])
+    log = SendLog.objects.get()
+    assert log.status == SendLog.Status.FAILED
+    assert log.error_class == "SMTPServerDisconnected"
+    # fail_silently hides transport errors only; the failure is still logged.
+    assert send_mail("x", "x", "alice@example.test", ["z@x.test"], fail_silently=True) == 0
+    assert SendLog.objects.filter(status="failed").count() == 2
+
+
+INJECTIONS = [
+    {"subject": "Hi\r\nBcc: evil@x.test"},
+    {"subject": "Hi\nBcc: evil@x.test"},
+    {"subject": "Hi\x00there"},
+    {"subject": "=?utf-8?q?Hi=0D=0ABcc:_evil@x.test?="},
+    {"subject": "=?utf-8?b?SGkNCkJjYzogZXZpbEB4LnRlc3Q=?="},
+    {"to": ["bob@example.test\r\nBcc: evil@x.test"]},
+    {"to": ["Bob\r\nBcc: evil@x.test <bob@example.test>"]},
+    {"reply_to": ["r@x.test\nBcc: evil@x.test"]},
+    {"from_email": "alice@example.test\r\nBcc: evil@x.test"},
+    {"headers": {"X-Custom": "v\r\nBcc: evil@x.test"}},
+    {"headers": {"X-Custom": "=?utf-8?q?v=0ABcc:_evil@x.test?="}},
+    {"headers": {"Bad:Name": "v"}},
+    {"headers": {"Bad Name": "v"}},
+    {"to": []},
+    {"to": ["not-an-address"]},
+    {"to": [("x" * 65) + "@example.test"]},
+    {"to": ["a@" + ("d" * 250) + ".test"]},
+]
+
+
+@pytest.mark.parametrize("change", INJECTIONS)
+def test_bad_messages_refused_before_any_network_io(connect, smtp, change):
+    connect("alice")
+    fields = {
+        "subject": "Hi",
+        "body": "x",
+        "from_email": "alice@example.test",
+        "to": ["bob@example.test"],
+    }
+    fields.update(change)
+    message = EmailMessage(**fields)
+    smtp.clear()
+    with pytest.raises(InvalidMessageError):
+        get_connection(fail_silently=True).send_messages([message])
+    assert smtp.connections == 0
+    assert SendLog.objects.count() == 0
+
+
+def test_bad_message_in_a_batch_stops_the_whole_batch(connect, smtp):
+    connect("alice")
+    good = EmailMessage("ok", "x", "alice@example.test", ["b@x.test"])
+    bad = EmailMessage("bad\nBcc: e@x.test", "x", "alice@example.test", ["b@x.test"])
+    with pytest.raises(InvalidMessageError):
+        get_connection().send_messages([good, bad])
+    assert smtp.connections == 0
+
+
+def test_too_many_recipients(connect, smtp, settings):
+    connect("alice")
+    settings.MAILGOV_PROVIDERS["demo"]["max_recipients_per_message"] = 5
+    message = EmailMessage("x", "x", "alice@example.test", [f"r{n}@x.test" for n in range(6)])
+    with pytest.raises(InvalidMessageError, match="limit of 5"):
+        message.send()
+    assert smtp.connections == 0
+
+
+def test_unknown_sender(demo_provider, smtp):
+    with pytest.raises(MailboxUnavailableError, match="No connected mailbox"):
+        send_mail("x", "x", "nobody@example.test", ["z@x.test"], fail_silently=True)
+    assert smtp.connections == 0
+
+
+@pytest.mark.parametrize("status", ["suspended", "revoked", "needs_reconsent"])
+def test_inactive_mailbox(connect, smtp, status):
+    mailbox = connect("alice")
+    Mailbox.objects.filter(pk=mailbox.pk).update(status=status)
+    with pytest.raises(MailboxUnavailableError, match=status):
+        send_mail("x", "x", "alice@example.test", ["z@x.test"], fail_silently=True)
+    assert smtp.connections == 0
+
+
+def test_missing_send_scope(connect, smtp):
+    mailbox = connect("alice")
+    Mailbox.objects.filter(pk=mailbox.pk).update(scopes=["openid", "email"])
+    with pytest.raises(ConsentRequiredError):
+        send_mail("x", "x", "alice@example.test", ["z@x.test"], fail_silently=True)
+    assert smtp.connections == 0
+
+
+def test_grant_without_send_scope_is_not_active(connect, smtp):
+    mailbox = connect("alice", scopes=["openid", "email"])
+    assert mailbox.status == Mailbox.Status.NEEDS_RECONSENT
+    with pytest.raises(MailboxUnavailableError):
+        send_mail("x", "x", "alice@example.test", ["z@x.test"])
+    assert smtp.connections == 0
+
+
+def test_refused_transport_is_silenced_only_when_asked(connect, smtp, settings):
+    connect("alice")
+    # A port nobody listens on: connection refused (a transport error).
+    settings.MAILGOV_PROVIDERS["demo"]["smtp_port"] = 1
+    assert send_mail("x", "x", "alice@example.test", ["z@x.test"], fail_silently=True) == 0
+    with pytest.raises(ConnectionRefusedError):
+        send_mail("x", "x", "alice@example.test", ["z@x.test"])
+    assert SendLog.objects.filter(error_class="ConnectionRefusedError").count() == 2
+
+
+def test_timeout_is_always_set(settings):
+    settings.EMAIL_TIMEOUT = None
+    assert EmailBackend().timeout == 30.0
+    assert EmailBackend(timeout=5).timeout == 5
+
+
+def test_password_settings_are_never_used(settings):
+    settings.EMAIL_HOST_USER = "someone"
+    settings.EMAIL_HOST_PASSWORD = "pw"
+    backend = EmailBackend()
+    assert backend.username is None and backend.password is None

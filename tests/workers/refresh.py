@@ -1,0 +1,59 @@
+"""A second process for the single-flight test: N threads call get_access_token()
+at the same instant against the test database, and print the tokens' digests.
+
+Environment: MAILGOV_TEST_DB_NAME, MAILGOV_TEST_KEYS, MAILGOV_TEST_PROVIDERS
+(JSON), MAILGOV_TEST_MAILBOX, MAILGOV_TEST_THREADS, MAILGOV_TEST_START_AT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+
+from tests import settings as test_settings
+
+test_settings.DATABASES["default"]["NAME"] = os.environ["MAILGOV_TEST_DB_NAME"]
+test_settings.MAILGOV_ENCRYPTION_KEYS = json.loads(os.environ["MAILGOV_TEST_KEYS"])
+test_settings.MAILGOV_PROVIDERS = json.loads(os.environ["MAILGOV_TEST_PROVIDERS"])
+
+import django  # noqa: E402
+
+django.setup()
+
+from django.db import connection  # noqa: E402
+
+from mailgov.models import Mailbox  # noqa: E402
+from mailgov.tokens import get_access_token  # noqa: E402
+
+
+def main() -> None:
+    mailbox = Mailbox.objects.get(pk=os.environ["MAILGOV_TEST_MAILBOX"])
+    threads = int(os.environ.get("MAILGOV_TEST_THREADS", "4"))
+    start_at = float(os.environ["MAILGOV_TEST_START_AT"])
+    results: list[str] = []
+
+    def work() -> None:
+        time.sleep(max(0.0, start_at - time.time()))
+        try:
+            token = get_access_token(mailbox)
+            results.append(hashlib.sha256(token.encode()).hexdigest())
+        except Exception as exc:
+            results.append(f"error:{type(exc).__name__}")
+        finally:
+            connection.close()
+
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 
 Stored form, as text::
 
-    mg1$<key id>$<base64url(nonce[12] || ciphertext || tag[16])>
+    mg1$<key id>$<hex(nonce[12] || ciphertext || tag[16])>
 
 ``mg1`` is the format version. The associated data binds each value to the
 model, field and row it was written for, and to the key id in its header, so a
@@ -173,9 +173,9 @@ def generate_key_entry(key_id: str) -> str:
     return f"{key_id}:{base64.urlsafe_b64encode(AESGCM.generate_key(bit_length=256)).decode()}"
 
 
-def associated_data(label: str, field_name: str, pk: object, key_id: str) -> bytes:
-    """What a value is bound to: model, field, row and key id."""
-    return f"{VERSION}|{label}|{field_name}|{pk}|{key_id}".encode()
+# What a value is bound to (the associated data): version, model, field, row
+# and key id, as f"{VERSION}|{label}|{field_name}|{pk}|{key_id}". Written
+# inline in encrypt() and decrypt(): a helper call costs measurably there.
 
 
 def encrypt(plaintext: str, *, label: str, field_name: str, pk: object) -> str:
@@ -184,9 +184,12 @@ def encrypt(plaintext: str, *, label: str, field_name: str, pk: object) -> str:
     key_id = keyring.primary_id
     nonce = os.urandom(NONCE_BYTES)
     sealed = keyring.ciphers[key_id].encrypt(
-        nonce, plaintext.encode(), associated_data(label, field_name, pk, key_id)
+        nonce, plaintext.encode(), f"{VERSION}|{label}|{field_name}|{pk}|{key_id}".encode()
     )
-    return keyring.primary_prefix + base64.urlsafe_b64encode(nonce + sealed).decode("ascii")
+    # Hex rather than base64: decoding is about 2.5 times faster in CPython,
+    # which keeps the vault within 2x of raw AES-GCM (make bench); tokens are
+    # short, so the larger text costs little.
+    return keyring.primary_prefix + (nonce + sealed).hex()
 
 
 def key_id_of(value: str) -> str | None:
@@ -208,32 +211,39 @@ def decrypt(value: str, *, label: str, field_name: str, pk: object) -> str:
     a malformed value, an unknown key id, a tampered byte, a wrong key, or a
     value moved from another row or field. Never returns the ciphertext.
     """
-    where = f"{label}.{field_name} of row {pk}"
-    parts = value.split(SEPARATOR, 2) if isinstance(value, str) else ()
-    if len(parts) != 3 or parts[0] != VERSION:
-        raise DecryptionError(f"Cannot decrypt {where}: not a mailgov ciphertext.")
-    key_id = parts[1]
+    # The hot path builds nothing it does not need; messages are made on failure.
+    try:
+        version, key_id, body = value.split(SEPARATOR, 2)
+    except (ValueError, AttributeError):
+        raise _failure(label, field_name, pk, "not a mailgov ciphertext") from None
+    if version != VERSION:
+        raise _failure(label, field_name, pk, "not a mailgov ciphertext")
     cipher = get_keyring().ciphers.get(key_id)
     if cipher is None:
-        raise DecryptionError(f"Cannot decrypt {where}: unknown key id {key_id!r}.")
+        raise _failure(label, field_name, pk, f"unknown key id {key_id!r}")
     try:
-        blob = base64.urlsafe_b64decode(parts[2])
-    except (binascii.Error, ValueError):
-        raise DecryptionError(f"Cannot decrypt {where}: malformed value.") from None
+        blob = bytes.fromhex(body)
+    except ValueError:
+        raise _failure(label, field_name, pk, "malformed value") from None
     if len(blob) < NONCE_BYTES + 16:
-        raise DecryptionError(f"Cannot decrypt {where}: value is truncated.")
+        raise _failure(label, field_name, pk, "value is truncated")
     try:
-        plain = cipher.decrypt(
+        return cipher.decrypt(
             blob[:NONCE_BYTES],
             blob[NONCE_BYTES:],
-            associated_data(label, field_name, pk, key_id),
-        )
+            f"{VERSION}|{label}|{field_name}|{pk}|{key_id}".encode(),
+        ).decode()
     except InvalidTag:
-        raise DecryptionError(
-            f"Cannot decrypt {where}: authentication failed (tampered value, wrong key, "
-            "or a value copied from another row or field)."
+        raise _failure(
+            label,
+            field_name,
+            pk,
+            "authentication failed (tampered value, wrong key, "
+            "or a value copied from another row or field)",
         ) from None
-    try:
-        return plain.decode()
     except UnicodeDecodeError:
-        raise DecryptionError(f"Cannot decrypt {where}: plaintext is not text.") from None
+        raise _failure(label, field_name, pk, "plaintext is not text") from None
+
+
+def _failure(label: str, field_name: str, pk: object, reason: str) -> DecryptionError:
+    return DecryptionError(f"Cannot decrypt {label}.{field_name} of row {pk}: {reason}.")

@@ -80,7 +80,13 @@ def database_config(default_sqlite: Path) -> dict:
             # Single-flight token refresh across processes: take the write
             # lock at BEGIN (select_for_update() is a no-op on SQLite). The
             # lock timeout exceeds the HTTP timeout of a refresh.
-            {"transaction_mode": "IMMEDIATE", "timeout": 30}
+            {
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 30,
+                # WAL: readers never wait for the writer, and a commit costs
+                # one fsync instead of several.
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            }
         )
     return config
 
@@ -117,7 +123,10 @@ MAILGOV_PROVIDERS = {
         "name": "Demo identity provider",
         "server_url": AUTHSERVER_URL,
         "client_id": os.environ.get("MAILGOV_DEMO_CLIENT_ID", "mailgov-demo"),
-        "client_secret": os.environ.get("MAILGOV_DEMO_CLIENT_SECRET", "mailgov-demo-secret"),
+        # Random per checkout, shared with the demo authorization server by
+        # `make demo` through this file.
+        "client_secret": os.environ.get("MAILGOV_DEMO_CLIENT_SECRET")
+        or _secret_from_file(VAR_DIR / "demo-client-secret"),
         "send_scopes": ["mail.send"],
         "smtp_host": "127.0.0.1",
         "smtp_port": DEMO_SMTP_PORT,

@@ -28,17 +28,19 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import smtplib
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.header import decode_header
-from email.utils import make_msgid, parseaddr
+from email.utils import make_msgid
 from typing import Any
 
 from django.core.mail.backends import smtp
 from django.core.mail.message import EmailMessage, sanitize_address
 from django.core.mail.utils import DNS_NAME
+from django.db import transaction
 from django.db.models.functions import Lower
 from django.utils import timezone
 
@@ -77,6 +79,7 @@ DJANGO_HEADERS = frozenset(
     }
 )
 FORBIDDEN_CHARS = ("\r", "\n", "\0")
+FORBIDDEN_RE = re.compile("[\r\n\0]")
 MAX_ADDRESS_LENGTH = 254  # RFC 5321 path limit less the angle brackets
 MAX_LOCAL_PART_LENGTH = 64
 
@@ -86,9 +89,15 @@ def _is_header_name(name: str) -> bool:
     return bool(name) and all(33 <= ord(char) <= 126 and char != ":" for char in name)
 
 
+def _addr_spec(formatted: str) -> str:
+    """The bare address in what ``sanitize_address`` returned ("a@b" or "Name <a@b>")."""
+    if formatted.endswith(">"):
+        return formatted[formatted.rfind("<") + 1 : -1]
+    return formatted
+
+
 def _check_value(what: str, value: Any) -> None:
-    text = str(value)
-    if any(char in text for char in FORBIDDEN_CHARS):
+    if FORBIDDEN_RE.search(str(value)):
         raise InvalidMessageError(f"{what} contains a line break or NUL; nothing was sent.")
 
 
@@ -142,7 +151,7 @@ def prepare_message(message: EmailMessage) -> PreparedMessage:
     except ValueError as exc:  # includes Django's BadHeaderError
         raise InvalidMessageError(f"The message cannot be sent as it is: {exc}") from None
     for formatted in [from_addr, *recipients]:
-        addr_spec = parseaddr(formatted)[1]
+        addr_spec = _addr_spec(formatted)
         local, _, domain = addr_spec.rpartition("@")
         if (
             not local
@@ -155,7 +164,7 @@ def prepare_message(message: EmailMessage) -> PreparedMessage:
     _check_header_block(data, DJANGO_HEADERS | extra_names)
     return PreparedMessage(
         message=message,
-        address=parseaddr(from_addr)[1].lower(),
+        address=_addr_spec(from_addr).lower(),
         from_addr=from_addr,
         recipients=recipients,
         data=data,
@@ -515,7 +524,9 @@ class EmailBackend(smtp.EmailBackend):
     def _record(self, logs: list[SendLog]) -> None:
         if not logs:
             return
-        SendLog.objects.bulk_create(logs)
         used = {log.mailbox_id for log in logs if log.status == SendLog.Status.SENT}
-        if used:
-            Mailbox.objects.filter(pk__in=used).update(last_used_at=timezone.now())
+        # One transaction, one commit, for the whole batch.
+        with transaction.atomic():
+            SendLog.objects.bulk_create(logs)
+            if used:
+                Mailbox.objects.filter(pk__in=used).update(last_used_at=timezone.now())

@@ -342,14 +342,15 @@ def start_authserver(
     smtp_client_id: str = "mailgov-smtp",
     smtp_client_secret: str | None = None,
     fast_hashing: bool = True,
+    user_passwords: Mapping[str, str] | None = None,
     timeout: float = 60.0,
 ) -> AuthServer:
     """Migrate, seed and serve the demo authorization server on ``127.0.0.1:port``.
 
     ``data_dir`` holds its database, keys and ``authserver.log`` (created if
     missing; reusing one keeps its users and tokens). ``port`` defaults to a free
-    one. Client secrets and user passwords are random unless given, and returned
-    in the ``AuthServer``. ``fast_hashing`` (on by default: this is a throw-away
+    one. Client secrets and user passwords (``user_passwords``, by username) are
+    random unless given, and returned in the ``AuthServer``. ``fast_hashing`` (on by default: this is a throw-away
     server) stores them with MD5 rather than PBKDF2, which otherwise costs about
     0.3 s per client authentication. ``cwd`` must contain ``manage.py`` (default: the
     repository holding this file, else the working directory). Returns once the
@@ -361,8 +362,11 @@ def start_authserver(
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     cwd = Path(cwd) if cwd is not None else _repo_root()
+    passwords = dict(user_passwords or {})
     users = {
-        name: DemoUser(name, secrets.token_urlsafe(16), f"{name}@example.test")
+        name: DemoUser(
+            name, passwords.get(name) or secrets.token_urlsafe(16), f"{name}@example.test"
+        )
         for name in ("alice", "bob")
     }
     client_secret = client_secret or secrets.token_urlsafe(32)

@@ -1,0 +1,323 @@
+"""``make bench``: mailgov's speed, as ratios against a baseline run in the same process.
+
+1. Sending: 2,000 messages through Django's stock SMTP backend (password
+   login) and through mailgov's backend (XOAUTH2, token from the demo
+   authorization server), on one demo SMTP server running in its own process.
+   Target: ``send ratio mailgov/stock`` at least 0.95.
+2. The vault: encrypt+decrypt microseconds per value against raw ``AESGCM``.
+   Target: at most 2x raw.
+3. Key rotation: values re-encrypted per second over 100,000 rows, on SQLite
+   and on PostgreSQL (when reachable at 127.0.0.1:5432). Target: 20,000/s.
+
+Not a test: nothing here asserts; it prints figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def setup_django(var_dir: Path, database_url: str | None = None) -> None:
+    os.environ["MAILGOV_VAR_DIR"] = str(var_dir)
+    os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    if database_url:
+        os.environ["DATABASE_URL"] = database_url
+    else:
+        os.environ.pop("DATABASE_URL", None)
+    import django
+    from django.core.management import call_command
+
+    django.setup()
+    call_command("migrate", "--no-input", verbosity=0)
+
+
+# -- 1. sending -------------------------------------------------------------------
+def bench_send(messages: int, batch: int, rounds: int) -> None:
+    import secrets
+    import ssl
+
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.core.mail import EmailMessage
+    from django.core.mail.backends.smtp import EmailBackend as StockBackend
+
+    from mailgov.backends.smtp import EmailBackend as MailgovBackend
+    from mailgov.pkce import make_pkce_pair
+    from mailgov.services import connect_mailbox_from_code
+    from mailgov.testing.ca import ensure_tls_files
+    from mailgov.testing.oauth import authorize
+    from mailgov.testing.peers import ServerProcess, free_port, start_authserver
+    from tests.conftest import REDIRECT_URI, SCOPES
+
+    work = Path(tempfile.mkdtemp(prefix="mailgov-bench-"))
+    tls = ensure_tls_files(work / "tls")
+    password = secrets.token_urlsafe(16)
+    with start_authserver(work / "authserver", redirect_uris=[REDIRECT_URI]) as authserver:
+        port = free_port()
+        smtp = ServerProcess(
+            [
+                sys.executable,
+                "-m",
+                "mailgov.testing.smtpserver",
+                "--port",
+                str(port),
+                "--tls-dir",
+                str(tls.ca_cert.parent),
+                "--introspection-url",
+                f"{authserver.url}/o/introspect/",
+                "--introspection-client-id",
+                authserver.smtp_client_id,
+                "--required-scope",
+                "mail.send",
+                "--password-account",
+                f"bench@example.test:{password}",
+            ],
+            env={**os.environ, "MAILGOV_SMTP_INTROSPECTION_SECRET": authserver.smtp_client_secret},
+            log_path=work / "smtp.log",
+            cwd=ROOT,
+            ready_port=port,
+            name="smtpserver",
+        ).start()
+        try:
+            settings.MAILGOV_PROVIDERS = {
+                "demo": {
+                    "type": "oidc",
+                    "server_url": authserver.url,
+                    "client_id": authserver.client_id,
+                    "client_secret": authserver.client_secret,
+                    "send_scopes": ["mail.send"],
+                    "smtp_host": "127.0.0.1",
+                    "smtp_port": port,
+                    "ca_bundle": str(tls.ca_cert),
+                }
+            }
+            owner, _ = get_user_model().objects.get_or_create(username="alice")
+            verifier, challenge = make_pkce_pair()
+            grant = authorize(
+                authserver.url,
+                client_id=authserver.client_id,
+                redirect_uri=REDIRECT_URI,
+                scopes=SCOPES,
+                username="alice",
+                password=authserver.users["alice"].password,
+                code_challenge=challenge,
+            )
+            connect_mailbox_from_code(
+                owner=owner,
+                provider_id="demo",
+                code=grant.code,
+                code_verifier=verifier,
+                redirect_uri=REDIRECT_URI,
+                requested_scopes=SCOPES,
+            )
+
+            def stock_backend():
+                backend = StockBackend(
+                    host="127.0.0.1",
+                    port=port,
+                    username="bench@example.test",
+                    password=password,
+                    use_tls=True,
+                    timeout=30,
+                )
+                backend.ssl_context = ssl.create_default_context(cafile=str(tls.ca_cert))
+                return backend
+
+            def run(make_backend, sender: str) -> float:
+                batches = [
+                    [
+                        EmailMessage(
+                            f"Benchmark {i + j}",
+                            "A short body.\n" * 5,
+                            sender,
+                            ["recipient@example.test"],
+                        )
+                        for j in range(batch)
+                    ]
+                    for i in range(0, messages, batch)
+                ]
+                start = time.perf_counter()
+                sent = 0
+                for group in batches:
+                    sent += make_backend().send_messages(group)
+                elapsed = time.perf_counter() - start
+                if sent != messages:
+                    raise SystemExit(f"only {sent} of {messages} messages were sent")
+                return messages / elapsed
+
+            run(stock_backend, "bench@example.test")  # warm-up
+            run(MailgovBackend, "alice@example.test")
+            stock, ours = [], []
+            for _ in range(rounds):
+                stock.append(run(stock_backend, "bench@example.test"))
+                ours.append(run(MailgovBackend, "alice@example.test"))
+            if os.environ.get("MAILGOV_BENCH_PROFILE"):
+                import cProfile
+
+                cProfile.runctx(
+                    "run(MailgovBackend, 'alice@example.test')",
+                    globals(),
+                    locals(),
+                    sort="cumtime",
+                )
+            best_stock, best_ours = max(stock), max(ours)
+            print(f"send: {messages} messages in batches of {batch}, best of {rounds} rounds")
+            print(f"  stock SMTP backend (password): {best_stock:8.0f} messages/s")
+            print(f"  mailgov backend (XOAUTH2):     {best_ours:8.0f} messages/s")
+            print(f"send ratio mailgov/stock: {best_ours / best_stock:.2f}")
+        finally:
+            smtp.stop()
+
+
+# -- 2. the vault ------------------------------------------------------------------
+def bench_vault(values: int) -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from mailgov import crypto
+
+    token = "ya29.a0AfB_byC" + "x" * 180  # about the size of a Google access token
+    key = AESGCM(AESGCM.generate_key(bit_length=256))
+    aad = b"mg1|mailgov.mailboxcredentials|access_token|7d1c0f52-6c8e-4a47-9d0e-2f3a1b5c9e11|k1"
+    data = token.encode()
+
+    def raw() -> float:
+        start = time.perf_counter()
+        for _ in range(values):
+            nonce = os.urandom(12)
+            key.decrypt(nonce, key.encrypt(nonce, data, aad), aad).decode()
+        return (time.perf_counter() - start) / values * 1e6
+
+    ctx = {
+        "label": "mailgov.mailboxcredentials",
+        "field_name": "access_token",
+        "pk": "7d1c0f52-6c8e-4a47-9d0e-2f3a1b5c9e11",
+    }
+
+    def ours() -> float:
+        start = time.perf_counter()
+        for _ in range(values):
+            crypto.decrypt(crypto.encrypt(token, **ctx), **ctx)
+        return (time.perf_counter() - start) / values * 1e6
+
+    raw(), ours()  # warm-up
+    best_raw = min(raw() for _ in range(3))
+    best_ours = min(ours() for _ in range(3))
+    print(f"vault: encrypt+decrypt of a {len(token)}-character token, {values} values")
+    print(f"  raw AESGCM:    {best_raw:6.2f} us/value")
+    print(f"  mailgov vault: {best_ours:6.2f} us/value")
+    print(f"vault ratio mailgov/raw: {best_ours / best_raw:.2f}")
+
+
+# -- 3. rotation -------------------------------------------------------------------
+def bench_rotation(rows: int) -> None:
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+    from django.test import override_settings
+
+    from mailgov.crypto import generate_key_entry, reset_keyring
+    from mailgov.models import Mailbox, MailboxCredentials
+    from mailgov.services import key_usage, rotate_keys
+
+    old, new = generate_key_entry("old"), generate_key_entry("new")
+    owner, _ = get_user_model().objects.get_or_create(username="rotation-owner")
+    MailboxCredentials.objects.all().delete()
+    Mailbox.objects.all().delete()
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[old]):
+        reset_keyring()
+        for start in range(0, rows, 5000):
+            boxes = Mailbox.objects.bulk_create(
+                Mailbox(owner=owner, provider="demo", address=f"u{n}@x.test", status="suspended")
+                for n in range(start, min(rows, start + 5000))
+            )
+            MailboxCredentials.objects.bulk_create(
+                MailboxCredentials(
+                    mailbox=box, access_token=f"access-{box.pk}", refresh_token=f"refresh-{box.pk}"
+                )
+                for box in boxes
+            )
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[new, old]):
+        reset_keyring()
+        start = time.perf_counter()
+        result = rotate_keys()
+        elapsed = time.perf_counter() - start
+        usage = key_usage()
+    if usage != {"new": 2 * rows}:
+        raise SystemExit(f"rotation left {usage}")
+    print(
+        f"rotation ({connection.vendor}): {result.rotated} values in {rows} rows, "
+        f"{elapsed:.1f} s: {result.rotated / elapsed:,.0f} values/s (target 20,000)"
+    )
+
+
+def postgres_url() -> str | None:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", 5432), 2).close()
+    except OSError:
+        return None
+    import psycopg
+
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as db:
+        db.execute("DROP DATABASE IF EXISTS mailgov_bench")
+        db.execute("CREATE DATABASE mailgov_bench")
+    return "postgres://postgres@127.0.0.1:5432/mailgov_bench"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=["all", "send", "vault", "rotation"], default="all")
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--database-url", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.part == "rotation" and args.database_url is not None:
+        # A child run: one database.
+        setup_django(Path(tempfile.mkdtemp(prefix="mailgov-bench-")), args.database_url or None)
+        bench_rotation(args.rows)
+        return 0
+
+    if args.part in ("all", "send", "vault"):
+        setup_django(Path(tempfile.mkdtemp(prefix="mailgov-bench-")))
+    if args.part in ("all", "send"):
+        bench_send(args.messages, args.batch, args.rounds)
+    if args.part in ("all", "vault"):
+        bench_vault(20_000)
+    if args.part in ("all", "rotation"):
+        # Each database in its own process, with its own settings.
+        url = postgres_url()
+        runs = [("", "SQLite")] + ([(url, "PostgreSQL")] if url else [])
+        for database_url, _name in runs:
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.benchmarks.run",
+                    "--part",
+                    "rotation",
+                    "--rows",
+                    str(args.rows),
+                    "--database-url",
+                    database_url,
+                ],
+                cwd=ROOT,
+                check=True,
+            )
+        if not url:
+            print("rotation (postgresql): not run, PostgreSQL is not reachable at 127.0.0.1:5432")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -350,11 +350,12 @@ def start_authserver(
     ``data_dir`` holds its database, keys and ``authserver.log`` (created if
     missing; reusing one keeps its users and tokens). ``port`` defaults to a free
     one. Client secrets and user passwords (``user_passwords``, by username) are
-    random unless given, and returned in the ``AuthServer``. ``fast_hashing`` (on by default: this is a throw-away
-    server) stores them with MD5 rather than PBKDF2, which otherwise costs about
-    0.3 s per client authentication. ``cwd`` must contain ``manage.py`` (default: the
-    repository holding this file, else the working directory). Returns once the
-    discovery document answers 200; the caller stops it with ``.stop()`` or a
+    random unless given, and returned in the ``AuthServer``. ``fast_hashing`` (on
+    by default: this is a throw-away server) stores them with MD5 rather than
+    PBKDF2, which otherwise costs about 0.3 s per client authentication. ``cwd``
+    must contain ``manage.py`` (default: the repository holding this file, else
+    the working directory). Returns once the discovery document answers 200; the
+    caller stops it with ``.stop()`` or a
     ``with`` block. Raises ``PeerStartError`` (with the log tail) on failure.
     """
     data_dir = Path(data_dir).resolve()

@@ -22,10 +22,12 @@ from mailgov.testing.peers import PeerStartError, ServerProcess, start_authserve
 from project.demo.management.commands.demo_seed import DEMO_USERS
 
 ROOT = Path(__file__).resolve().parents[2]
-VAR = ROOT / "var"
-SITE_PORT = 8000
-AUTH_PORT = 8001
-SMTP_PORT = 8025
+# The defaults are the README's; the environment moves them (the demo's own
+# test runs it on free ports in a temporary folder).
+VAR = Path(os.environ.get("MAILGOV_VAR_DIR", ROOT / "var"))
+SITE_PORT = int(os.environ.get("MAILGOV_DEMO_SITE_PORT", "8000"))
+AUTH_PORT = int(os.environ.get("MAILGOV_DEMO_AUTH_PORT", "8001"))
+SMTP_PORT = int(os.environ.get("MAILGOV_DEMO_SMTP_PORT", "8025"))
 
 
 def manage(*args: str, env: dict[str, str]) -> None:
@@ -42,13 +44,21 @@ def secret_file(path: Path) -> str:
 
 def main() -> int:
     VAR.mkdir(exist_ok=True)
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "PYTHONUNBUFFERED": "1",
+        "MAILGOV_VAR_DIR": str(VAR),
+        "MAILGOV_AUTHSERVER_URL": f"http://127.0.0.1:{AUTH_PORT}",
+        "MAILGOV_DEMO_SMTP_PORT": str(SMTP_PORT),
+        "MAILGOV_DEMO_REDIRECT_URI": f"http://127.0.0.1:{SITE_PORT}/demo/oauth/callback/",
+    }
     processes: list = []
 
     key_file = VAR / "mailgov-keys.txt"
     if not key_file.exists():
         manage("mailgov_generate_key", "--key-id", "demo1", "--file", str(key_file), env=env)
-        print(f"Generated a demo encryption key in {key_file.relative_to(ROOT)} (mode 0600).")
+        print(f"Generated a demo encryption key in {key_file} (mode 0600).")
     tls = ensure_tls_files(VAR / "tls")
     client_secret = secret_file(VAR / "demo-client-secret")
     smtp_secret = secrets.token_urlsafe(32)
@@ -127,14 +137,14 @@ mailgov demo is running. Stop everything with Ctrl-C.
   Demo inbox              http://127.0.0.1:{SITE_PORT}/demo/inbox/
   Admin                   http://127.0.0.1:{SITE_PORT}/admin/
   Authorization server    {authserver.url}/
-  SMTP server             127.0.0.1:{SMTP_PORT} (STARTTLS, CA in var/tls/ca.pem)
+  SMTP server             127.0.0.1:{SMTP_PORT} (STARTTLS, CA in {tls.ca_cert})
 
   Site and authorization server users:
     alice / {DEMO_USERS["alice"][1]}    bob / {DEMO_USERS["bob"][1]}
   Site administrator:     admin / admin-demo-password
 
   Connect bob's mailbox:  .venv/bin/python manage.py demo_connect bob --send-test
-  Logs:                   var/site.log, var/authserver/authserver.log, var/smtpserver.log
+  Logs:                   {VAR}/site.log, authserver/authserver.log, smtpserver.log
 """
     )
     stop = False

@@ -1,0 +1,141 @@
+"""The settings object, system checks and the operator commands around keys."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+
+import pytest
+from django.conf import settings
+from django.core.checks import run_checks
+from django.core.management import CommandError, call_command
+from django.db import connections
+from django.test import override_settings
+
+from mailgov.checks import check_encryption_keys, check_providers, check_sqlite_transaction_mode
+from mailgov.conf import DEFAULTS, mailgov_settings
+from mailgov.crypto import generate_key_entry, parse_key_entries
+
+
+def test_defaults_and_overrides():
+    assert mailgov_settings.TOKEN_REFRESH_MARGIN_SECONDS == DEFAULTS["TOKEN_REFRESH_MARGIN_SECONDS"]
+    with override_settings(MAILGOV_TOKEN_REFRESH_MARGIN_SECONDS=5):
+        assert mailgov_settings.TOKEN_REFRESH_MARGIN_SECONDS == 5
+
+
+def test_unknown_setting_raises():
+    with pytest.raises(AttributeError, match="Invalid mailgov setting: NOPE"):
+        _ = mailgov_settings.NOPE
+
+
+def test_settings_are_not_written_into_django_settings():
+    _ = mailgov_settings.SMTP_TIMEOUT_SECONDS
+    assert not hasattr(settings, "MAILGOV_SMTP_TIMEOUT_SECONDS")
+
+
+@pytest.mark.parametrize(
+    ("keys", "check_id"),
+    [
+        ([], "mailgov.E001"),
+        (["broken"], "mailgov.E002"),
+        (["k:" + "QUJD"], "mailgov.E003"),
+        ([generate_key_entry("k"), generate_key_entry("k")], "mailgov.E004"),
+    ],
+)
+def test_keyring_checks(keys, check_id):
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=keys):
+        [error] = check_encryption_keys()
+    assert error.id == check_id
+    assert error.level >= 40  # an Error, not a warning
+
+
+def test_unreadable_key_file_check(tmp_path):
+    with override_settings(
+        MAILGOV_ENCRYPTION_KEYS=None, MAILGOV_ENCRYPTION_KEYS_FILE=str(tmp_path / "nope")
+    ):
+        [error] = check_encryption_keys()
+    assert error.id == "mailgov.E005"
+
+
+def test_good_keyring_passes():
+    assert check_encryption_keys() == []
+
+
+@pytest.mark.parametrize(
+    ("providers", "check_id"),
+    [
+        ({"x": {"type": "carrier-pigeon", "client_id": "c"}}, "mailgov.E010"),
+        ({"idp": {"type": "oidc", "client_id": "c"}}, "mailgov.E010"),
+        ({"google": {"client_id": "c", "smtp_host": "evil.example"}}, "mailgov.E011"),
+        ({"microsoft": {"client_id": "c", "smtp_port": 25}}, "mailgov.E011"),
+        ({"google": {"client_secret": "s"}}, "mailgov.E012"),
+    ],
+)
+def test_provider_checks(providers, check_id):
+    with override_settings(MAILGOV_PROVIDERS=providers):
+        ids = [message.id for message in check_providers()]
+    assert check_id in ids
+
+
+def test_valid_providers_pass():
+    providers = {
+        "google": {"client_id": "c", "client_secret": "s"},
+        "idp": {
+            "type": "oidc",
+            "server_url": "https://idp.example",
+            "client_id": "c",
+            "send_scopes": ["mail.send"],
+            "smtp_host": "smtp.idp.example",
+        },
+    }
+    with override_settings(MAILGOV_PROVIDERS=providers):
+        assert check_providers() == []
+
+
+def test_sqlite_without_immediate_transactions_warns():
+    connection = connections["default"]
+    if connection.vendor != "sqlite":
+        assert check_sqlite_transaction_mode(databases=["default"]) == []
+        return
+    assert check_sqlite_transaction_mode(databases=["default"]) == []
+    options = connection.settings_dict["OPTIONS"]
+    saved = options.pop("transaction_mode")
+    try:
+        [warning] = check_sqlite_transaction_mode(databases=["default"])
+    finally:
+        options["transaction_mode"] = saved
+    assert warning.id == "mailgov.W001"
+
+
+def test_checks_registered_with_django():
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=["broken"]):
+        ids = [m.id for m in run_checks()]
+    assert "mailgov.E002" in ids
+
+
+def test_generate_key_prints_a_valid_entry():
+    out = io.StringIO()
+    call_command("mailgov_generate_key", "--key-id", "k1", stdout=out)
+    keyring = parse_key_entries([out.getvalue().strip()])
+    assert keyring.primary_id == "k1"
+
+
+def test_generate_key_file_prepends_and_keeps_old_keys(tmp_path):
+    path = tmp_path / "keys.txt"
+    call_command("mailgov_generate_key", "--key-id", "old", "--file", str(path), stdout=io.StringIO())
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    out = io.StringIO()
+    call_command("mailgov_generate_key", "--key-id", "new", "--file", str(path), stdout=out)
+    assert "1 older entries kept" in out.getvalue()
+    material = path.read_text().splitlines()[0].partition(":")[2]
+    assert material not in out.getvalue()  # the key itself is not printed
+    keyring = parse_key_entries([line for line in path.read_text().splitlines() if line])
+    assert keyring.key_ids == ["new", "old"]
+    with pytest.raises(CommandError, match="already"):
+        call_command("mailgov_generate_key", "--key-id", "new", "--file", str(path))
+    out = io.StringIO()
+    call_command("mailgov_generate_key", "--file", str(path), "--if-missing", stdout=out)
+    assert "left as it is" in out.getvalue()
+    with pytest.raises(CommandError, match="Key id"):
+        call_command("mailgov_generate_key", "--key-id", "bad id")

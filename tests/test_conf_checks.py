@@ -19,7 +19,7 @@ from mailgov.crypto import generate_key_entry, parse_key_entries
 
 
 def test_defaults_and_overrides():
-    assert mailgov_settings.TOKEN_REFRESH_MARGIN_SECONDS == DEFAULTS["TOKEN_REFRESH_MARGIN_SECONDS"]
+    assert DEFAULTS["TOKEN_REFRESH_MARGIN_SECONDS"] == mailgov_settings.TOKEN_REFRESH_MARGIN_SECONDS
     with override_settings(MAILGOV_TOKEN_REFRESH_MARGIN_SECONDS=5):
         assert mailgov_settings.TOKEN_REFRESH_MARGIN_SECONDS == 5
 
@@ -123,7 +123,9 @@ def test_generate_key_prints_a_valid_entry():
 
 def test_generate_key_file_prepends_and_keeps_old_keys(tmp_path):
     path = tmp_path / "keys.txt"
-    call_command("mailgov_generate_key", "--key-id", "old", "--file", str(path), stdout=io.StringIO())
+    call_command(
+        "mailgov_generate_key", "--key-id", "old", "--file", str(path), stdout=io.StringIO()
+    )
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     out = io.StringIO()
     call_command("mailgov_generate_key", "--key-id", "new", "--file", str(path), stdout=out)

@@ -86,20 +86,27 @@ class EncryptedTextField(models.TextField):
         return name, path, args, kwargs
 
     # -- binding ----------------------------------------------------------
-    def _context(self, instance: models.Model) -> dict[str, Any]:
-        if instance.pk is None:
+    def _context(self, pk: Any) -> dict[str, Any]:
+        if pk is None:
             raise ValueError(
                 f"{self.model._meta.label}.{self.name}: the row needs a primary key before "
                 "a value can be encrypted for it."
             )
-        return {"label": self.model._meta.label_lower, "field_name": self.name, "pk": instance.pk}
+        return {"label": self.model._meta.label_lower, "field_name": self.name, "pk": pk}
+
+    def decrypt_for_pk(self, pk: Any, ciphertext: str) -> str:
+        """Decrypt ``ciphertext`` stored in this field of row ``pk``."""
+        return crypto.decrypt(ciphertext, **self._context(pk))
+
+    def seal_for_pk(self, pk: Any, plaintext: str) -> Sealed:
+        """Encrypt ``plaintext`` for this field of row ``pk`` (the one write path)."""
+        return Sealed(crypto.encrypt(plaintext, **self._context(pk)))
 
     def decrypt_for(self, instance: models.Model, ciphertext: str) -> str:
-        return crypto.decrypt(ciphertext, **self._context(instance))
+        return self.decrypt_for_pk(instance.pk, ciphertext)
 
     def seal_for(self, instance: models.Model, plaintext: str) -> Sealed:
-        """Encrypt ``plaintext`` for this field of ``instance`` (the one write path)."""
-        return Sealed(crypto.encrypt(plaintext, **self._context(instance)))
+        return self.seal_for_pk(instance.pk, plaintext)
 
     # -- database round trip ----------------------------------------------
     def from_db_value(self, value: str | None, expression: Any, connection: Any) -> Any:

@@ -86,21 +86,22 @@ class EncryptedTextField(models.TextField):
         return name, path, args, kwargs
 
     # -- binding ----------------------------------------------------------
-    def _context(self, pk: Any) -> dict[str, Any]:
+    def binding(self, pk: Any) -> str:
+        """What a value of this field in row ``pk`` is bound to."""
         if pk is None:
             raise ValueError(
                 f"{self.model._meta.label}.{self.name}: the row needs a primary key before "
                 "a value can be encrypted for it."
             )
-        return {"label": self.model._meta.label_lower, "field_name": self.name, "pk": pk}
+        return crypto.binding(self.model._meta.label_lower, self.name, pk)
 
     def decrypt_for_pk(self, pk: Any, ciphertext: str) -> str:
         """Decrypt ``ciphertext`` stored in this field of row ``pk``."""
-        return crypto.decrypt(ciphertext, **self._context(pk))
+        return crypto.decrypt(ciphertext, self.binding(pk))
 
     def seal_for_pk(self, pk: Any, plaintext: str) -> Sealed:
         """Encrypt ``plaintext`` for this field of row ``pk`` (the one write path)."""
-        return Sealed(crypto.encrypt(plaintext, **self._context(pk)))
+        return Sealed(crypto.encrypt(plaintext, self.binding(pk)))
 
     def decrypt_for(self, instance: models.Model, ciphertext: str) -> str:
         return self.decrypt_for_pk(instance.pk, ciphertext)

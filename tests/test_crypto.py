@@ -13,17 +13,18 @@ from mailgov import crypto
 from mailgov.exceptions import DecryptionError, KeyringError, MailgovConfigurationError
 
 CTX = {"label": "mailgov.mailboxcredentials", "field_name": "access_token", "pk": "row-1"}
+BOUND = crypto.binding(**CTX)
 
 
 def test_round_trip_and_envelope_format():
-    value = crypto.encrypt("ya29.secret-token", **CTX)
+    value = crypto.encrypt("ya29.secret-token", BOUND)
     assert value.startswith("mg1$test1$")
     assert "ya29" not in value
-    assert crypto.decrypt(value, **CTX) == "ya29.secret-token"
+    assert crypto.decrypt(value, BOUND) == "ya29.secret-token"
 
 
 def test_same_value_twice_gives_different_ciphertexts():
-    assert crypto.encrypt("same", **CTX) != crypto.encrypt("same", **CTX)
+    assert crypto.encrypt("same", BOUND) != crypto.encrypt("same", BOUND)
 
 
 @pytest.mark.parametrize(
@@ -35,42 +36,42 @@ def test_same_value_twice_gives_different_ciphertexts():
     ],
 )
 def test_value_bound_to_row_field_and_model(other):
-    value = crypto.encrypt("token", **CTX)
+    value = crypto.encrypt("token", BOUND)
     with pytest.raises(DecryptionError) as info:
-        crypto.decrypt(value, **{**CTX, **other})
+        crypto.decrypt(value, crypto.binding(**{**CTX, **other}))
     assert "authentication failed" in str(info.value)
     assert value not in str(info.value)
 
 
 def test_flipped_byte_fails_naming_row_and_field():
-    value = crypto.encrypt("token", **CTX)
+    value = crypto.encrypt("token", BOUND)
     head, body = value.rsplit("$", 1)
     raw = bytearray(bytes.fromhex(body))
     raw[-5] ^= 0x01
     tampered = f"{head}${bytes(raw).hex()}"
     with pytest.raises(DecryptionError) as info:
-        crypto.decrypt(tampered, **CTX)
+        crypto.decrypt(tampered, BOUND)
     message = str(info.value)
     assert "mailgov.mailboxcredentials.access_token of row row-1" in message
     assert "token" not in message.replace("access_token", "")
 
 
 def test_wrong_key_fails():
-    value = crypto.encrypt("token", **CTX)
+    value = crypto.encrypt("token", BOUND)
     with (
         override_settings(MAILGOV_ENCRYPTION_KEYS=[crypto.generate_key_entry("test1")]),
         pytest.raises(DecryptionError, match="authentication failed"),
     ):
-        crypto.decrypt(value, **CTX)
+        crypto.decrypt(value, BOUND)
 
 
 def test_unknown_key_id_fails():
-    value = crypto.encrypt("token", **CTX)
+    value = crypto.encrypt("token", BOUND)
     with (
         override_settings(MAILGOV_ENCRYPTION_KEYS=[crypto.generate_key_entry("other")]),
         pytest.raises(DecryptionError, match="unknown key id 'test1'"),
     ):
-        crypto.decrypt(value, **CTX)
+        crypto.decrypt(value, BOUND)
 
 
 def test_relabelled_key_id_fails():
@@ -78,26 +79,26 @@ def test_relabelled_key_id_fails():
     # because the key id is part of the associated data.
     keys = [crypto.generate_key_entry("a"), crypto.generate_key_entry("b")]
     with override_settings(MAILGOV_ENCRYPTION_KEYS=keys):
-        value = crypto.encrypt("token", **CTX)
+        value = crypto.encrypt("token", BOUND)
         relabelled = value.replace("$a$", "$b$", 1)
         with pytest.raises(DecryptionError):
-            crypto.decrypt(relabelled, **CTX)
+            crypto.decrypt(relabelled, BOUND)
 
 
 @pytest.mark.parametrize("value", ["", "plain-token", "mg1$test1$", "mg1$test1$!!!", "mg2$x$abc"])
 def test_malformed_values_fail_never_returned(value):
     with pytest.raises(DecryptionError):
-        crypto.decrypt(value, **CTX)
+        crypto.decrypt(value, BOUND)
 
 
 def test_old_keys_still_decrypt_after_a_new_primary():
     old = crypto.generate_key_entry("old")
     new = crypto.generate_key_entry("new")
     with override_settings(MAILGOV_ENCRYPTION_KEYS=[old]):
-        value = crypto.encrypt("token", **CTX)
+        value = crypto.encrypt("token", BOUND)
     with override_settings(MAILGOV_ENCRYPTION_KEYS=[new, old]):
-        assert crypto.decrypt(value, **CTX) == "token"
-        assert crypto.encrypt("token", **CTX).startswith("mg1$new$")
+        assert crypto.decrypt(value, BOUND) == "token"
+        assert crypto.encrypt("token", BOUND).startswith("mg1$new$")
 
 
 @pytest.mark.parametrize(
@@ -120,7 +121,7 @@ def test_bad_keyrings_refuse_to_work(keys, code):
         else:
             # An empty list falls through to the (unset) file: nothing to use.
             with pytest.raises(KeyringError) as info:
-                crypto.encrypt("token", **CTX)
+                crypto.encrypt("token", BOUND)
             assert info.value.code == code
         assert isinstance(info.value, MailgovConfigurationError)
         for entry in keys:
@@ -154,20 +155,20 @@ def test_keys_from_file(tmp_path):
 
 def test_key_is_not_secret_key_derived(settings):
     # Changing SECRET_KEY changes nothing about what decrypts.
-    value = crypto.encrypt("token", **CTX)
+    value = crypto.encrypt("token", BOUND)
     settings.SECRET_KEY = "something-else-entirely"
-    assert crypto.decrypt(value, **CTX) == "token"
+    assert crypto.decrypt(value, BOUND) == "token"
 
 
 @given(st.text(max_size=2048), st.text(min_size=1, max_size=40))
 def test_property_round_trip(plaintext, pk):
-    ctx = {**CTX, "pk": pk}
-    assert crypto.decrypt(crypto.encrypt(plaintext, **ctx), **ctx) == plaintext
+    bound = crypto.binding(CTX["label"], CTX["field_name"], pk)
+    assert crypto.decrypt(crypto.encrypt(plaintext, bound), bound) == plaintext
 
 
 @given(st.text(min_size=1, max_size=256), st.data())
 def test_property_any_flipped_bit_is_detected(plaintext, data):
-    value = crypto.encrypt(plaintext, **CTX)
+    value = crypto.encrypt(plaintext, BOUND)
     head, body = value.rsplit("$", 1)
     raw = bytearray(bytes.fromhex(body))
     index = data.draw(st.integers(min_value=0, max_value=len(raw) - 1))
@@ -175,4 +176,4 @@ def test_property_any_flipped_bit_is_detected(plaintext, data):
     raw[index] ^= 1 << bit
     tampered = f"{head}${bytes(raw).hex()}"
     with pytest.raises(DecryptionError):
-        crypto.decrypt(tampered, **CTX)
+        crypto.decrypt(tampered, BOUND)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import smtplib
+import socket
 import sqlite3
 import ssl
+import threading
+import time
 
 import pytest
 from auditlog.models import LogEntry
@@ -24,7 +27,9 @@ from mailgov.exceptions import (
 from mailgov.models import Mailbox, MailboxCredentials, SendLog
 from mailgov.providers import get_provider
 from mailgov.signals import mailbox_needs_reconsent
+from mailgov.testing.smtpserver import SubmissionServer
 from tests.conftest import secrets_of
+from tests.test_tokens import refresh_tokens_issued
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -335,3 +340,96 @@ def test_password_settings_are_never_used(settings):
     settings.EMAIL_HOST_PASSWORD = "pw"
     backend = EmailBackend()
     assert backend.username is None and backend.password is None
+
+
+def test_smtp_auth_disabled_marks_the_mailbox_at_once(connect, smtp, authserver):
+    mailbox = connect("alice")
+    smtp.faults.smtp_auth_disabled = True
+    before = refresh_tokens_issued(authserver, "alice")
+    with pytest.raises(SMTPAuthenticationRejected):
+        send_mail("x", "x", "alice@example.test", ["z@x.test"])
+    assert len(auth_lines(smtp)) == 1  # a refresh cannot cure it: no retry
+    assert refresh_tokens_issued(authserver, "alice") == before
+    mailbox.refresh_from_db()
+    assert mailbox.status == Mailbox.Status.NEEDS_RECONSENT
+    assert mailbox.revocation_reason.startswith("smtp_auth_disabled")
+
+
+def test_retry_after_a_dropped_connection_keeps_the_message_id(connect, smtp):
+    connect("alice")
+    message = EmailMessage("Once", "x", "alice@example.test", ["z@x.test"])
+    smtp.faults.close_after_data = True
+    assert message.send(fail_silently=True) == 0
+    smtp.faults.close_after_data = False
+    assert message.send() == 1
+    [dropped] = smtp.dropped_messages
+    [received] = smtp.messages
+    assert dropped.parse()["Message-ID"] == received.parse()["Message-ID"]
+    logs = list(SendLog.objects.order_by("attempted_at").values_list("status", "message_id"))
+    assert [status for status, _ in logs] == ["failed", "sent"]
+    assert logs[0][1] == logs[1][1] == received.parse()["Message-ID"]
+
+
+@pytest.fixture
+def other_server(authserver, tls_files):
+    """A second SMTP server, configured per test."""
+    servers = []
+
+    def start(**kwargs):
+        options = {
+            "tls": tls_files,
+            "introspection_url": authserver.metadata()["introspection_endpoint"],
+            "introspection_client": (authserver.smtp_client_id, authserver.smtp_client_secret),
+            "required_scope": "mail.send",
+            **kwargs,
+        }
+        server = SubmissionServer(**options)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_no_xoauth2_after_tls_is_refused(connect, other_server, settings):
+    connect("alice")
+    server = other_server(introspection_url=None, password_accounts={"p@x.test": "pw"})
+    settings.MAILGOV_PROVIDERS["demo"]["smtp_port"] = server.port
+    with pytest.raises(SMTPSecurityError, match="XOAUTH2"):
+        send_mail("x", "x", "alice@example.test", ["z@x.test"], fail_silently=True)
+    assert auth_lines(server) == []
+
+
+def test_certificate_for_another_host_is_refused(connect, other_server, settings):
+    connect("alice")
+    # Linux answers on all of 127.0.0.0/8; the certificate names only
+    # localhost and 127.0.0.1.
+    server = other_server(host="127.0.0.2")
+    settings.MAILGOV_PROVIDERS["demo"].update(smtp_host="127.0.0.2", smtp_port=server.port)
+    with pytest.raises(ssl.SSLCertVerificationError, match=r"IP address mismatch|hostname"):
+        send_mail("x", "x", "alice@example.test", ["z@x.test"], fail_silently=True)
+    assert auth_lines(server) == []
+
+
+def test_a_silent_server_times_out(connect, settings):
+    connect("alice")
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
+    thread.start()
+    settings.MAILGOV_PROVIDERS["demo"]["smtp_port"] = listener.getsockname()[1]
+    settings.MAILGOV_SMTP_TIMEOUT_SECONDS = 1
+    started = time.monotonic()
+    try:
+        # smtplib reports the socket timeout as a disconnection.
+        with pytest.raises(smtplib.SMTPServerDisconnected, match="timed out"):
+            send_mail("x", "x", "alice@example.test", ["z@x.test"])
+        assert time.monotonic() - started < 10
+        assert send_mail("x", "x", "alice@example.test", ["z@x.test"], fail_silently=True) == 0
+    finally:
+        listener.close()
+        for conn, _ in accepted:
+            conn.close()
+    assert SendLog.objects.filter(error_class="SMTPServerDisconnected").count() == 2

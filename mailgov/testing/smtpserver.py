@@ -130,7 +130,8 @@ class Faults:
     """Failure modes of the server; flip the attributes at any time while it runs.
 
     ``no_starttls`` and ``untrusted_certificate`` are read when a connection is accepted,
-    ``xoauth2_challenge`` at each AUTH and ``close_after_data`` at the end of each DATA.
+    ``xoauth2_challenge`` and ``smtp_auth_disabled`` at each AUTH, and
+    ``close_after_data`` at the end of each DATA.
 
     - ``no_starttls``: STARTTLS is not offered and AUTH is advertised and accepted in the
       clear, so a test can prove the client refuses to send credentials anyway.
@@ -140,12 +141,15 @@ class Faults:
       error, then 535) without asking the introspection endpoint.
     - ``close_after_data``: once the message data has been received the connection is
       dropped without a reply; the message goes to ``dropped_messages``, not ``messages``.
+    - ``smtp_auth_disabled``: every AUTH XOAUTH2 gets Microsoft's ``535 5.7.139`` (SMTP
+      AUTH disabled for the tenant), which no refresh or re-consent can cure.
     """
 
     no_starttls: bool = False
     untrusted_certificate: bool = False
     xoauth2_challenge: bool = False
     close_after_data: bool = False
+    smtp_auth_disabled: bool = False
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -453,6 +457,14 @@ class _SubmissionSMTP(SMTP):
                 success=False, handled=False, message="501 5.5.2 Malformed XOAUTH2 response"
             )
         user, token = credentials
+        if owner.faults.smtp_auth_disabled:
+            owner._record_auth(XOAUTH2, user, False)
+            return AuthResult(
+                success=False,
+                handled=False,
+                message="535 5.7.139 Authentication unsuccessful, "
+                "SmtpClientAuthentication is disabled for the Tenant.",
+            )
         if owner.faults.xoauth2_challenge:
             verdict = _Verdict.REJECT
         else:

@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both create
-# .venv and install pinned versions (requirements/constraints.txt) first.
+# .venv and install pinned versions (project/constraints.txt) first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,10 +7,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint format bench clean
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml project/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c project/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

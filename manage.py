@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Django's command-line utility for administrative tasks.
 
-The default settings are the demo site's; the demo authorization server runs
-from the same file with ``--settings=project.authserver.settings``.
+The default settings are the demo site's. The demo authorization server ships
+in the package (``mailgov.testing.authserver``) and runs with
+``python -m django <command> --settings=mailgov.testing.authserver.settings``.
 """
 
 import os

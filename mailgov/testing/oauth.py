@@ -1,7 +1,7 @@
 """Drive an OAuth2 authorization-code request through a real server, without a browser.
 
 ``authorize()`` plays the user's browser against an authorization server with a
-login form and a consent form (the demo server in ``project.authserver``, or any
+login form and a consent form (the demo server in ``mailgov.testing.authserver``, or any
 server whose pages follow the same shape): it signs in, answers the consent page
 with Allow or Deny, and stops at the redirect back to the client, returning what
 the client's callback would receive. It does not exchange the code: in a test, the

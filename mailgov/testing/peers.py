@@ -3,7 +3,8 @@
 - ``ServerProcess``: a command in its own process group, its output in a log
   file, "ready" once a TCP port accepts or an HTTP URL answers 2xx.
 - ``start_authserver()``: the demo OAuth2/OIDC authorization server
-  (``project.authserver``) with a fresh data directory, migrated and seeded.
+  (``mailgov.testing.authserver``, shipped in the package) with a fresh data
+  directory, migrated and seeded.
 
 Secrets (client secrets, passwords) reach child processes through the
 environment, never the command line, which any local user can read.
@@ -321,13 +322,6 @@ class AuthServer:
         self.stop()
 
 
-def _repo_root() -> Path:
-    # In a checkout, manage.py sits two levels above this file; an installed
-    # mailgov has no manage.py there, so fall back to the working directory.
-    root = Path(__file__).resolve().parents[2]
-    return root if (root / "manage.py").is_file() else Path.cwd()
-
-
 def start_authserver(
     data_dir: Path,
     port: int | None = None,
@@ -335,7 +329,7 @@ def start_authserver(
     redirect_uris: list[str],
     access_token_seconds: int | None = None,
     python: str = sys.executable,
-    settings_module: str = "project.authserver.settings",
+    settings_module: str = "mailgov.testing.authserver.settings",
     cwd: Path | None = None,
     client_id: str = "mailgov-demo",
     client_secret: str | None = None,
@@ -352,17 +346,17 @@ def start_authserver(
     one. Client secrets and user passwords (``user_passwords``, by username) are
     random unless given, and returned in the ``AuthServer``. ``fast_hashing`` (on
     by default: this is a throw-away server) stores them with MD5 rather than
-    PBKDF2, which otherwise costs about 0.3 s per client authentication. ``cwd``
-    must contain ``manage.py`` (default: the repository holding this file, else
-    the working directory). Returns once the discovery document answers 200; the
-    caller stops it with ``.stop()`` or a
-    ``with`` block. Raises ``PeerStartError`` (with the log tail) on failure.
+    PBKDF2, which otherwise costs about 0.3 s per client authentication. The
+    server runs with ``python -m django`` in ``cwd`` (default: the working
+    directory), so it needs no ``manage.py``. Returns once the discovery
+    document answers 200; the caller stops it with ``.stop()`` or a ``with``
+    block. Raises ``PeerStartError`` (with the log tail) on failure.
     """
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    cwd = Path(cwd) if cwd is not None else _repo_root()
+    cwd = Path(cwd) if cwd is not None else Path.cwd()
     passwords = dict(user_passwords or {})
     users = {
         name: DemoUser(
@@ -397,7 +391,9 @@ def start_authserver(
         env.pop("MAILGOV_AUTHSERVER_ACCESS_TOKEN_SECONDS", None)
 
     log_path = data_dir / "authserver.log"
-    manage = [python, "manage.py"]
+    # python -m django, not manage.py: the server ships inside mailgov, so a
+    # project that installed mailgov[testing] can start it from anywhere.
+    manage = [python, "-m", "django"]
     settings_arg = f"--settings={settings_module}"
     run_command(
         [*manage, "migrate", "--no-input", "-v0", settings_arg],

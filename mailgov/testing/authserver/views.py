@@ -26,7 +26,7 @@ from oauth2_provider.settings import oauth2_settings
 from oauth2_provider.views import AuthorizationView, ConnectDiscoveryInfoView, IntrospectTokenView
 from oauthlib.common import add_params_to_uri
 
-from project.authserver.oauth import CODE_CHALLENGE_METHODS
+from mailgov.testing.authserver.oauth import CODE_CHALLENGE_METHODS
 
 #: What discovery advertises: only what this server actually accepts.
 GRANT_TYPES_SUPPORTED = ["authorization_code", "refresh_token", "client_credentials"]

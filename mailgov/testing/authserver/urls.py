@@ -11,7 +11,7 @@ from __future__ import annotations
 from django.urls import include, path, re_path
 from oauth2_provider import views as dot_views
 
-from project.authserver import views
+from mailgov.testing.authserver import views
 
 oauth2_urlpatterns = [
     path("o/authorize/", views.ConsentView.as_view(), name="authorize"),

@@ -6,6 +6,6 @@ import os
 
 from django.core.wsgi import get_wsgi_application
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.authserver.settings")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mailgov.testing.authserver.settings")
 
 application = get_wsgi_application()

@@ -2,12 +2,13 @@
 
 A separate Django project from the demo site, with its own SQLite database, so
 that mailgov talks to it only over HTTP, as it would to Google or Microsoft.
-Run it with ``python manage.py <command> --settings=project.authserver.settings``.
+Run it with ``python -m django <command> --settings=mailgov.testing.authserver.settings``
+(no ``manage.py`` needed: it ships inside the package, for projects' own tests).
 
 Environment:
 
 ``MAILGOV_AUTHSERVER_DIR``
-    Data directory (default ``<repo>/var/authserver``): the SQLite database, the
+    Data directory (default ``./var/authserver``): the SQLite database, the
     OIDC signing key and the ``SECRET_KEY``, the last two generated at first start
     (mode 0600).
 ``MAILGOV_AUTHSERVER_URL``
@@ -35,10 +36,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from django.core.exceptions import ImproperlyConfigured
 
-BASE_DIR = Path(__file__).resolve().parents[2]
-
 DATA_DIR = Path(
-    os.environ.get("MAILGOV_AUTHSERVER_DIR") or BASE_DIR / "var" / "authserver"
+    os.environ.get("MAILGOV_AUTHSERVER_DIR") or Path.cwd() / "var" / "authserver"
 ).resolve()
 DATA_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
 
@@ -104,7 +103,7 @@ ALLOWED_HOSTS = sorted({"127.0.0.1", "localhost", _issuer_parts.hostname})
 
 INSTALLED_APPS = [
     # Before oauth2_provider, so that our templates win where names collide.
-    "project.authserver",
+    "mailgov.testing.authserver",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -120,8 +119,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
-ROOT_URLCONF = "project.authserver.urls"
-WSGI_APPLICATION = "project.authserver.wsgi.application"
+ROOT_URLCONF = "mailgov.testing.authserver.urls"
+WSGI_APPLICATION = "mailgov.testing.authserver.wsgi.application"
 
 TEMPLATES = [
     {
@@ -186,9 +185,9 @@ OAUTH2_PROVIDER = {
     "OIDC_RESPONSE_TYPES_SUPPORTED": ["code"],
     "OAUTH2_RESPONSE_TYPES_SUPPORTED": ["code"],
     "OAUTH2_GRANT_TYPES_SUPPORTED": ["authorization_code", "refresh_token", "client_credentials"],
-    "OAUTH2_VALIDATOR_CLASS": "project.authserver.oauth.MailgovOAuth2Validator",
-    "OIDC_SERVER_CLASS": "project.authserver.oauth.S256OnlyServer",
-    "SCOPES_BACKEND_CLASS": "project.authserver.oauth.MailgovScopes",
+    "OAUTH2_VALIDATOR_CLASS": "mailgov.testing.authserver.oauth.MailgovOAuth2Validator",
+    "OIDC_SERVER_CLASS": "mailgov.testing.authserver.oauth.S256OnlyServer",
+    "SCOPES_BACKEND_CLASS": "mailgov.testing.authserver.oauth.MailgovScopes",
     # Descriptions are what the consent page shows, so they are written for the
     # person who clicks "Allow".
     "SCOPES": {

@@ -12,22 +12,32 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from django.db import connections, transaction
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
+from django.db import connection, connections, transaction
 from django.db.models import Q, TextField
 from django.db.models.functions import Cast
 from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 
 from mailgov.conf import mailgov_settings
 from mailgov.crypto import get_keyring, key_id_of
-from mailgov.exceptions import DecryptionError, MailboxUnavailableError, ProviderError
+from mailgov.exceptions import (
+    DecryptionError,
+    MailboxUnavailableError,
+    ProviderError,
+    ProviderUnavailableError,
+)
 from mailgov.fields import EncryptedTextField, Sealed
 from mailgov.models import Mailbox, MailboxCredentials
 from mailgov.providers import TokenResponse, get_provider
 from mailgov.signals import mailbox_needs_reconsent
 
 logger = logging.getLogger("mailgov")
+security_logger = logging.getLogger("mailgov.security")
 
 
+@sensitive_variables()
 def apply_token_response(
     credentials: MailboxCredentials, response: TokenResponse, *, now=None
 ) -> None:
@@ -44,6 +54,7 @@ def apply_token_response(
     credentials.expires_at = now + timedelta(seconds=lifetime)
 
 
+@sensitive_variables()
 def connect_mailbox(
     *,
     owner: Any,
@@ -56,12 +67,21 @@ def connect_mailbox(
 
     Granted scopes are read from the response (a user may untick scopes);
     when the response does not say, RFC 6749 §5.1 means "as requested". The
-    mailbox is active only if the grant includes the provider's send scopes.
-    Raises :class:`MailboxUnavailableError` if another user's active mailbox
-    already sends as ``address``.
+    mailbox is active only if the grant includes the provider's send scopes
+    and a refresh token is held; otherwise it is ``needs_reconsent`` with the
+    reason. A ``suspended`` mailbox stays suspended: that was an
+    administrator's decision, which the owner's consent does not undo.
+
+    Raises :class:`ProviderError` for an invalid address, and
+    :class:`MailboxUnavailableError` if another user's active mailbox already
+    sends as ``address``.
     """
     provider = get_provider(provider_id)
     address = address.strip()
+    try:
+        validate_email(address)
+    except ValidationError:
+        raise ProviderError(f"{provider.name}: the account's email address is not valid.") from None
     granted = response.scopes if response.scopes is not None else list(requested_scopes)
     now = timezone.now()
     with transaction.atomic():
@@ -81,27 +101,34 @@ def connect_mailbox(
         )
         if mailbox is None:
             mailbox = Mailbox(owner=owner, provider=provider_id, address=address)
-        mailbox.scopes = sorted(set(granted))
-        mailbox.status = (
-            Mailbox.Status.ACTIVE
-            if mailbox.has_scopes(provider.send_scopes)
-            else Mailbox.Status.NEEDS_RECONSENT
-        )
-        mailbox.connected_at = now
-        mailbox.revoked_at = None
-        mailbox.revocation_reason = (
-            "" if mailbox.status == Mailbox.Status.ACTIVE else "scope_missing: send not granted"
-        )
-        mailbox.save()
-        credentials, _ = MailboxCredentials.objects.select_for_update().get_or_create(
-            mailbox=mailbox
-        )
+        credentials = None
+        if mailbox.pk is not None and not mailbox._state.adding:
+            credentials = (
+                MailboxCredentials.objects.select_for_update().filter(mailbox=mailbox).first()
+            )
+        credentials = credentials or MailboxCredentials(mailbox=mailbox)
         apply_token_response(credentials, response, now=now)
+        mailbox.scopes = sorted(set(granted))
+        if not mailbox.has_scopes(provider.send_scopes):
+            status, reason = Mailbox.Status.NEEDS_RECONSENT, "scope_missing: send not granted"
+        elif not credentials.refresh_token:
+            status = Mailbox.Status.NEEDS_RECONSENT
+            reason = "no_refresh_token: offline access not granted"
+        else:
+            status, reason = Mailbox.Status.ACTIVE, ""
+        if mailbox.status != Mailbox.Status.SUSPENDED:
+            mailbox.status = status
+            mailbox.revocation_reason = reason
+            mailbox.revoked_at = None
+        mailbox.connected_at = now
+        mailbox.save()
+        credentials.mailbox = mailbox
         credentials.save()
-    logger.info("mailbox %s connected (provider %s)", mailbox.pk, provider_id)
+    logger.info("mailbox %s connected (provider %s, %s)", mailbox.pk, provider_id, mailbox.status)
     return mailbox
 
 
+@sensitive_variables()
 def connect_mailbox_from_code(
     *,
     owner: Any,
@@ -134,13 +161,21 @@ def connect_mailbox_from_code(
     )
 
 
+def warn_inside_transaction(what: str) -> None:
+    if connection.in_atomic_block:
+        # The change commits with the caller's transaction: if that rolls
+        # back, so does this (a refresh token rotated by the provider is then
+        # lost). Send mail after commit (transaction.on_commit) to avoid it.
+        logger.warning("mailgov %s inside the caller's transaction", what)
+
+
 def mark_needs_reconsent_locked(
     mailbox: Mailbox, credentials: MailboxCredentials | None, reason: str
 ) -> bool:
     """Inside the caller's transaction, with the rows locked: wipe the tokens
     and set ``needs_reconsent``. Returns whether the status changed (so the
-    owner is told once, not at every failed attempt). The caller sends
-    :data:`mailbox_needs_reconsent` after commit when this returns ``True``.
+    owner is told once, not at every failed attempt); the caller then sends
+    :data:`mailbox_needs_reconsent` on commit (:func:`notify_needs_reconsent`).
     """
     changed = mailbox.status == Mailbox.Status.ACTIVE
     if credentials is not None:
@@ -154,17 +189,103 @@ def mark_needs_reconsent_locked(
     return changed
 
 
+def notify_needs_reconsent(mailbox: Mailbox, reason: str) -> None:
+    """Send :data:`mailbox_needs_reconsent` once the change has committed."""
+    transaction.on_commit(
+        lambda: mailbox_needs_reconsent.send(sender=Mailbox, mailbox=mailbox, reason=reason)
+    )
+
+
 def mark_needs_reconsent(mailbox: Mailbox, reason: str) -> bool:
-    """Wipe ``mailbox``'s tokens and set ``needs_reconsent``; signal once."""
+    """Wipe ``mailbox``'s tokens and set ``needs_reconsent``; signal once, on commit."""
+    warn_inside_transaction("marks a mailbox needs_reconsent")
     with transaction.atomic():
-        locked = Mailbox.objects.select_for_update().get(pk=mailbox.pk)
-        credentials = MailboxCredentials.objects.select_for_update().filter(pk=mailbox.pk).first()
+        locked = Mailbox.objects.select_for_update(no_key=True).get(pk=mailbox.pk)
+        credentials = (
+            MailboxCredentials.objects.select_for_update(no_key=True).filter(pk=mailbox.pk).first()
+        )
         changed = mark_needs_reconsent_locked(locked, credentials, reason)
+        if changed:
+            notify_needs_reconsent(locked, reason)
     mailbox.status = locked.status
     mailbox.revocation_reason = locked.revocation_reason
-    if changed:
-        mailbox_needs_reconsent.send(sender=Mailbox, mailbox=locked, reason=reason)
     return changed
+
+
+def suspend_mailbox(mailbox: Mailbox, reason: str) -> bool:
+    """Stop ``mailbox`` from sending, keeping its grant (an administrator's
+    matter, such as SMTP AUTH disabled for the tenant). Returns whether the
+    status changed."""
+    with transaction.atomic():
+        locked = Mailbox.objects.select_for_update(no_key=True).get(pk=mailbox.pk)
+        changed = locked.status == Mailbox.Status.ACTIVE
+        if changed:
+            locked.status = Mailbox.Status.SUSPENDED
+            locked.revocation_reason = reason[:255]
+            locked.save(update_fields=["status", "revocation_reason"])
+    if changed:
+        security_logger.warning("mailbox %s suspended (%s)", mailbox.pk, reason.split(":")[0])
+    mailbox.status = locked.status
+    mailbox.revocation_reason = locked.revocation_reason
+    return changed
+
+
+@dataclass
+class RevocationResult:
+    """What :func:`revoke_mailbox` did at the provider.
+
+    ``at_provider`` is ``True`` when the provider confirmed, ``False`` when it
+    has no revocation endpoint (Microsoft: an administrator removes the
+    consent), ``None`` when it could not be reached: the refresh token is
+    then kept, encrypted, for a later retry, and the mailbox never sends.
+    """
+
+    at_provider: bool | None
+
+
+@sensitive_variables()
+def revoke_mailbox(mailbox: Mailbox, reason: str) -> RevocationResult:
+    """Revoke ``mailbox``'s grant at the provider (RFC 7009) and here.
+
+    The mailbox becomes ``revoked`` at once and its access token is wiped; the
+    refresh token is revoked at the provider and wiped, unless the provider
+    was unreachable (then it is kept for the retry, see
+    :class:`RevocationResult`).
+    """
+    provider = get_provider(mailbox.provider)
+    with transaction.atomic():
+        locked = Mailbox.objects.select_for_update(no_key=True).get(pk=mailbox.pk)
+        credentials = (
+            MailboxCredentials.objects.select_for_update(no_key=True).filter(pk=mailbox.pk).first()
+        )
+        locked.status = Mailbox.Status.REVOKED
+        locked.revoked_at = timezone.now()
+        locked.revocation_reason = reason[:255]
+        locked.save(update_fields=["status", "revoked_at", "revocation_reason"])
+        refresh_token = credentials.refresh_token if credentials is not None else None
+        if credentials is not None:
+            credentials.access_token = None
+            credentials.expires_at = None
+            credentials.save()
+    result = RevocationResult(at_provider=False)
+    if refresh_token:
+        try:
+            result.at_provider = provider.revoke(refresh_token)
+        except ProviderUnavailableError:
+            result.at_provider = None
+        except ProviderError as exc:
+            # Refused (e.g. unsupported token type): nothing to retry.
+            logger.warning("mailbox %s: revocation refused: %s", mailbox.pk, exc)
+    if result.at_provider is not None:
+        MailboxCredentials.objects.filter(pk=mailbox.pk).update(refresh_token=None)
+    security_logger.info(
+        "mailbox %s revoked (%s); at provider: %s",
+        mailbox.pk,
+        reason.split(":")[0],
+        {True: "confirmed", False: "no endpoint", None: "pending"}[result.at_provider],
+    )
+    mailbox.status = locked.status
+    return result
 
 
 # -- key rotation ---------------------------------------------------------------

@@ -1,7 +1,7 @@
 """``get_access_token()``: a valid access token, refreshed exactly once when needed.
 
 Single flight: the refresh happens inside a transaction holding the
-mailbox's row lock (``select_for_update()`` on PostgreSQL; on SQLite the
+mailbox's row lock (``select_for_update(no_key=True)`` on PostgreSQL; on SQLite the
 ``IMMEDIATE`` transaction mode takes the database write lock at ``BEGIN``),
 and the token is read again after the lock is taken, so of many threads and
 processes that find the token expired, one refreshes and the others use its
@@ -18,17 +18,24 @@ import logging
 
 from django.db import transaction
 from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 
 from mailgov.conf import mailgov_settings
 from mailgov.exceptions import GrantRevokedError, MailboxUnavailableError
 from mailgov.models import Mailbox, MailboxCredentials
 from mailgov.providers import get_provider
-from mailgov.services import apply_token_response, mark_needs_reconsent_locked
-from mailgov.signals import mailbox_needs_reconsent, token_refreshed
+from mailgov.services import (
+    apply_token_response,
+    mark_needs_reconsent_locked,
+    notify_needs_reconsent,
+    warn_inside_transaction,
+)
+from mailgov.signals import token_refreshed
 
 logger = logging.getLogger("mailgov.tokens")
 
 
+@sensitive_variables()
 def get_access_token(
     mailbox: Mailbox, *, force_refresh: bool = False, rejected_token: str | None = None
 ) -> str:
@@ -47,7 +54,11 @@ def get_access_token(
     """
     margin = mailgov_settings.TOKEN_REFRESH_MARGIN_SECONDS
     if not force_refresh:
-        credentials = MailboxCredentials.objects.filter(pk=mailbox.pk).first()
+        # Only an active mailbox's token is handed out: a suspended or
+        # revoked mailbox falls through to the checks below and is refused.
+        credentials = MailboxCredentials.objects.filter(
+            pk=mailbox.pk, mailbox__status=Mailbox.Status.ACTIVE
+        ).first()
         if credentials is not None and credentials.access_token_valid(margin):
             return credentials.access_token
     return _refresh(mailbox, margin, force_refresh=force_refresh, rejected_token=rejected_token)
@@ -57,10 +68,18 @@ def _refresh(
     mailbox: Mailbox, margin: int, *, force_refresh: bool, rejected_token: str | None
 ) -> str:
     provider = get_provider(mailbox.provider)
+    # Resolve the endpoint (an OIDC discovery fetch) before taking the lock,
+    # so that the lock is held for one HTTP call only.
+    _ = provider.token_endpoint
+    warn_inside_transaction("refreshes a token")
     revoked: GrantRevokedError | None = None
     with transaction.atomic():
-        locked = Mailbox.objects.select_for_update().get(pk=mailbox.pk)
-        credentials = MailboxCredentials.objects.select_for_update().filter(pk=mailbox.pk).first()
+        # FOR NO KEY UPDATE: holds off other refreshes of this mailbox, but not
+        # the foreign-key checks of send-log inserts that reference it.
+        locked = Mailbox.objects.select_for_update(no_key=True).get(pk=mailbox.pk)
+        credentials = (
+            MailboxCredentials.objects.select_for_update(no_key=True).filter(pk=mailbox.pk).first()
+        )
         if locked.status != Mailbox.Status.ACTIVE:
             raise MailboxUnavailableError(
                 f"Mailbox {locked.pk} is {locked.status}; it cannot be used to send."
@@ -80,7 +99,8 @@ def _refresh(
             # Record the fall in this same transaction (the lock is still
             # held); the exception is raised once it has committed.
             revoked = exc
-            changed = mark_needs_reconsent_locked(locked, credentials, "invalid_grant")
+            if mark_needs_reconsent_locked(locked, credentials, "invalid_grant"):
+                notify_needs_reconsent(locked, "invalid_grant")
         else:
             now = timezone.now()
             # A rotated refresh token is saved in the same transaction as
@@ -99,8 +119,6 @@ def _refresh(
     if revoked is not None:
         mailbox.status = locked.status
         logger.warning("mailbox %s: refresh refused with invalid_grant", mailbox.pk)
-        if changed:
-            mailbox_needs_reconsent.send(sender=Mailbox, mailbox=locked, reason="invalid_grant")
         raise revoked
     logger.info("mailbox %s: access token refreshed", mailbox.pk)
     token_refreshed.send(sender=Mailbox, mailbox=mailbox)

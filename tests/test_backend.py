@@ -342,17 +342,21 @@ def test_password_settings_are_never_used(settings):
     assert backend.username is None and backend.password is None
 
 
-def test_smtp_auth_disabled_marks_the_mailbox_at_once(connect, smtp, authserver):
+def test_smtp_auth_disabled_suspends_and_keeps_the_grant(connect, smtp, authserver):
     mailbox = connect("alice")
+    tokens = secrets_of(mailbox)
     smtp.faults.smtp_auth_disabled = True
     before = refresh_tokens_issued(authserver, "alice")
     with pytest.raises(SMTPAuthenticationRejected):
-        send_mail("x", "x", "alice@example.test", ["z@x.test"])
+        send_mail("x", "x", "alice@example.test", ["z@x.test"], fail_silently=True)
     assert len(auth_lines(smtp)) == 1  # a refresh cannot cure it: no retry
     assert refresh_tokens_issued(authserver, "alice") == before
     mailbox.refresh_from_db()
-    assert mailbox.status == Mailbox.Status.NEEDS_RECONSENT
+    # An administrator's matter: suspended, the grant kept for when SMTP AUTH
+    # is enabled again.
+    assert mailbox.status == Mailbox.Status.SUSPENDED
     assert mailbox.revocation_reason.startswith("smtp_auth_disabled")
+    assert secrets_of(mailbox) == tokens
 
 
 def test_retry_after_a_dropped_connection_keeps_the_message_id(connect, smtp):

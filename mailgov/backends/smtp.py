@@ -33,16 +33,20 @@ import smtplib
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from email.errors import MessageError
 from email.header import decode_header
 from email.utils import make_msgid
 from typing import Any
 
+from django.conf import settings
 from django.core.mail.backends import smtp
 from django.core.mail.message import EmailMessage, sanitize_address
 from django.core.mail.utils import DNS_NAME
 from django.db import transaction
 from django.db.models.functions import Lower
 from django.utils import timezone
+from django.utils.decorators import method_decorator
+from django.views.decorators.debug import sensitive_variables
 
 from mailgov.conf import mailgov_settings
 from mailgov.exceptions import (
@@ -56,7 +60,7 @@ from mailgov.exceptions import (
 )
 from mailgov.models import Mailbox, SendLog
 from mailgov.providers import Provider, get_provider
-from mailgov.services import mark_needs_reconsent
+from mailgov.services import mark_needs_reconsent, suspend_mailbox
 from mailgov.signals import post_send, pre_send
 from mailgov.tokens import get_access_token
 
@@ -138,18 +142,30 @@ def prepare_message(message: EmailMessage) -> PreparedMessage:
         _check_value(f"Header {name}", value)
         extra_names.add(str(name).lower())
     if "message-id" not in extra_names:
-        message.extra_headers["Message-ID"] = make_msgid(domain=DNS_NAME)
+        # A new dict: Django keeps the caller's ``headers=`` dict as it is, and
+        # messages built from one shared dict must not share one Message-ID.
+        message.extra_headers = {**message.extra_headers, "Message-ID": make_msgid(domain=DNS_NAME)}
         extra_names.add("message-id")
     recipients_raw = message.recipients()
     if not recipients_raw:
         raise InvalidMessageError("The message has no recipients; nothing was sent.")
-    encoding = message.encoding or "utf-8"
+    encoding = message.encoding or settings.DEFAULT_CHARSET
     try:
         from_addr = sanitize_address(message.from_email, encoding)
         recipients = [sanitize_address(addr, encoding) for addr in recipients_raw]
         mime = message.message()
-    except ValueError as exc:  # includes Django's BadHeaderError
-        raise InvalidMessageError(f"The message cannot be sent as it is: {exc}") from None
+        data = mime.as_bytes(linesep="\r\n")
+        _check_header_block(data, DJANGO_HEADERS | extra_names)
+    except InvalidMessageError:
+        raise
+    except (ValueError, MessageError, LookupError) as exc:
+        # ValueError includes Django's BadHeaderError; MessageError what the
+        # email package raises for control characters; LookupError an
+        # unknown charset in an encoded word.
+        raise InvalidMessageError(
+            f"The message cannot be sent as it is ({type(exc).__name__}); nothing was sent."
+        ) from None
+    address = _addr_spec(from_addr).lower()
     for formatted in [from_addr, *recipients]:
         addr_spec = _addr_spec(formatted)
         local, _, domain = addr_spec.rpartition("@")
@@ -160,11 +176,21 @@ def prepare_message(message: EmailMessage) -> PreparedMessage:
             or len(local) > MAX_LOCAL_PART_LENGTH
         ):
             raise InvalidMessageError("An address is malformed or too long; nothing was sent.")
-    data = mime.as_bytes(linesep="\r\n")
-    _check_header_block(data, DJANGO_HEADERS | extra_names)
+    # A From or Sender header naming someone else would show the recipients
+    # a sender other than the mailbox that authenticated.
+    for name, value in message.extra_headers.items():
+        if str(name).lower() in ("from", "sender"):
+            try:
+                shown = _addr_spec(sanitize_address(str(value), encoding)).lower()
+            except ValueError:
+                shown = None
+            if shown != address:
+                raise InvalidMessageError(
+                    f"The {name} header names another address than the sender; nothing was sent."
+                )
     return PreparedMessage(
         message=message,
-        address=_addr_spec(from_addr).lower(),
+        address=address,
         from_addr=from_addr,
         recipients=recipients,
         data=data,
@@ -201,6 +227,7 @@ def _check_header_block(data: bytes, allowed: frozenset[str] | set[str]) -> None
                     )
 
 
+@sensitive_variables()
 def xoauth2_initial_response(address: str, token: str) -> str:
     """The base64 SASL XOAUTH2 initial response. Never log what this returns."""
     raw = f"user={address}\x01auth=Bearer {token}\x01\x01"
@@ -273,6 +300,7 @@ class EmailBackend(smtp.EmailBackend):
             connection.starttls(context=context)
         connection.ehlo()  # CPython's auth never sends EHLO itself
 
+    @method_decorator(sensitive_variables())
     def _authenticate(self, address: str, token: str) -> None:
         connection = self.connection
         mechanisms = connection.esmtp_features.get("auth", "").upper().split()
@@ -286,9 +314,17 @@ class EmailBackend(smtp.EmailBackend):
             # The server's JSON error challenge: an empty answer makes the
             # failure arrive as a 535.
             code, reply = connection.docmd("")
-        if code != 235:
+        if code == 235:
+            return
+        if code in (534, 535):
+            # The token was refused.
             raise smtplib.SMTPAuthenticationError(code, reply)
+        # Anything else (454 "try again later", 421, a 5xx that is not about
+        # the credential) is the server's trouble, not the grant's: a
+        # transport error that leaves the tokens alone.
+        raise smtplib.SMTPResponseException(code, reply)
 
+    @method_decorator(sensitive_variables())
     def _open_for(self, mailbox: Mailbox) -> bool:
         """Ensure an authenticated connection for ``mailbox``; True if newly opened."""
         if self.connection is not None and self._connected_mailbox == mailbox:
@@ -307,9 +343,10 @@ class EmailBackend(smtp.EmailBackend):
                 else str(exc.smtp_error)
             )
             if "5.7.139" in reply:
-                # Microsoft: SMTP AUTH disabled for the tenant or mailbox.
-                # A refresh or re-consent will not help; the owner must be told.
-                mark_needs_reconsent(mailbox, "smtp_auth_disabled: SMTP AUTH is disabled")
+                # Microsoft: SMTP AUTH disabled for the tenant or mailbox. A
+                # refresh or re-consent cannot help, so the grant is kept and
+                # the mailbox suspended until an administrator enables it.
+                suspend_mailbox(mailbox, "smtp_auth_disabled: SMTP AUTH is disabled for the tenant")
                 raise SMTPAuthenticationRejected(exc.smtp_code, exc.smtp_error) from None
             # One forced refresh and one retry, then the mailbox needs re-consent.
             token = get_access_token(mailbox, force_refresh=True, rejected_token=token)
@@ -365,12 +402,11 @@ class EmailBackend(smtp.EmailBackend):
 
     # -- mailboxes ---------------------------------------------------------
     def _fixed_mailbox(self) -> Mailbox:
-        if isinstance(self.mailbox, Mailbox):
-            return self.mailbox
-        mailbox = Mailbox.objects.filter(pk=self.mailbox).first()
+        """The constructor's mailbox, read again: its status may have changed."""
+        pk = self.mailbox.pk if isinstance(self.mailbox, Mailbox) else self.mailbox
+        mailbox = Mailbox.objects.filter(pk=pk).first()
         if mailbox is None:
             raise MailboxUnavailableError("The mailbox given to the backend does not exist.")
-        self.mailbox = mailbox
         return mailbox
 
     def _check_mailbox(self, mailbox: Mailbox | None, address: str) -> Provider:

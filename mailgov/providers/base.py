@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import requests
+from django.views.decorators.debug import sensitive_variables
 
 from mailgov.conf import mailgov_settings
 from mailgov.exceptions import (
     GrantRevokedError,
     MailgovConfigurationError,
+    MailgovError,
     ProviderError,
     ProviderUnavailableError,
     TokenRefreshError,
@@ -119,13 +121,10 @@ class Provider:
                 verify=self.http_verify,
                 allow_redirects=False,
             )
-        except requests.Timeout:
-            raise ProviderUnavailableError(f"{self.name}: {what} timed out.") from None
         except requests.RequestException as exc:
-            raise ProviderUnavailableError(
-                f"{self.name}: {what} failed: {type(exc).__name__}."
-            ) from None
+            raise http_failure(self.name, what, exc) from None
 
+    @sensitive_variables()
     def _token_request(self, data: dict[str, str], *, what: str) -> TokenResponse:
         if not self.client_id:
             raise MailgovConfigurationError(f"Provider {self.id!r} has no client_id configured.")
@@ -160,6 +159,7 @@ class Provider:
         )
 
     # -- operations ---------------------------------------------------------
+    @sensitive_variables()
     def exchange_code(self, code: str, *, redirect_uri: str, code_verifier: str) -> TokenResponse:
         """Redeem an authorization code (with its PKCE verifier)."""
         return self._token_request(
@@ -172,6 +172,7 @@ class Provider:
             what="code exchange",
         )
 
+    @sensitive_variables()
     def refresh(self, refresh_token: str) -> TokenResponse:
         """Redeem a refresh token for a fresh access token.
 
@@ -191,6 +192,7 @@ class Provider:
         except ProviderError as exc:
             raise TokenRefreshError(str(exc), status=exc.status, error=exc.error) from None
 
+    @sensitive_variables()
     def revoke(self, token: str, *, token_type_hint: str = "refresh_token") -> bool:
         """Revoke ``token`` at the provider (RFC 7009).
 
@@ -220,6 +222,7 @@ class Provider:
             error=error if isinstance(error, str) else None,
         )
 
+    @sensitive_variables()
     def userinfo(self, access_token: str) -> dict[str, Any]:
         """The OIDC userinfo claims for ``access_token`` (used to learn the address)."""
         endpoint = self.userinfo_endpoint
@@ -234,9 +237,7 @@ class Provider:
                 allow_redirects=False,
             )
         except requests.RequestException as exc:
-            raise ProviderUnavailableError(
-                f"{self.name}: userinfo failed: {type(exc).__name__}."
-            ) from None
+            raise http_failure(self.name, "userinfo", exc) from None
         body = _json_or_none(response)
         if response.status_code != 200 or not isinstance(body, dict):
             raise ProviderError(
@@ -244,6 +245,23 @@ class Provider:
                 status=response.status_code,
             )
         return body
+
+
+def http_failure(name: str, what: str, exc: requests.RequestException) -> MailgovError:
+    """The exception for a failed HTTP call, by what failed.
+
+    Only passing trouble (a timeout, a refused or dropped connection) is
+    retryable and may be hidden by ``fail_silently``. A certificate that does
+    not verify is a security failure and a malformed URL a configuration
+    error: neither is ever hidden.
+    """
+    if isinstance(exc, requests.exceptions.SSLError):
+        return ProviderError(f"{name}: {what} refused: the TLS certificate did not verify.")
+    if isinstance(exc, requests.exceptions.InvalidURL | requests.exceptions.MissingSchema):
+        return MailgovConfigurationError(f"{name}: the {what} URL is not valid.")
+    if isinstance(exc, requests.Timeout):
+        return ProviderUnavailableError(f"{name}: {what} timed out.")
+    return ProviderUnavailableError(f"{name}: {what} failed: {type(exc).__name__}.")
 
 
 def _json_or_none(response: requests.Response) -> Any:

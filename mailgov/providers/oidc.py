@@ -29,7 +29,7 @@ import requests
 
 from mailgov.conf import mailgov_settings
 from mailgov.exceptions import MailgovConfigurationError, ProviderError, ProviderUnavailableError
-from mailgov.providers.base import Provider, _json_or_none
+from mailgov.providers.base import Provider, _json_or_none, http_failure
 
 _discovery_lock = threading.Lock()
 _discovery_cache: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -81,14 +81,18 @@ class OIDCProvider(Provider):
                 allow_redirects=False,
             )
         except requests.RequestException as exc:
-            raise ProviderUnavailableError(
-                f"{self.name}: discovery failed: {type(exc).__name__}."
-            ) from None
+            raise http_failure(self.name, "discovery", exc) from None
         document = _json_or_none(response)
-        if response.status_code != 200 or not isinstance(document, dict):
+        if response.status_code >= 500 or response.status_code == 429:
             raise ProviderUnavailableError(
                 f"{self.name}: discovery answered HTTP {response.status_code}.",
                 status=response.status_code,
+            )
+        if response.status_code != 200 or not isinstance(document, dict):
+            # A 404 or a page that is not JSON: the server_url is wrong.
+            raise MailgovConfigurationError(
+                f"{self.name}: no discovery document at {self.discovery_url} "
+                f"(HTTP {response.status_code})."
             )
         if not isinstance(document.get("token_endpoint"), str):
             raise ProviderError(f"{self.name}: discovery document has no token_endpoint.")

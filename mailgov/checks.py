@@ -23,7 +23,18 @@ KEYRING_IDS = {
 PROVIDER_INVALID = "mailgov.E010"
 PROVIDER_PINNED = "mailgov.E011"
 PROVIDER_NO_CLIENT = "mailgov.E012"
+NUMBER_NOT_POSITIVE = "mailgov.E020"
 SQLITE_NOT_IMMEDIATE = "mailgov.W001"
+
+#: Settings that must be positive numbers (a None timeout would mean "wait forever").
+POSITIVE_NUMBERS = (
+    "TOKEN_REFRESH_MARGIN_SECONDS",
+    "TOKEN_DEFAULT_LIFETIME_SECONDS",
+    "HTTP_TIMEOUT_SECONDS",
+    "SMTP_TIMEOUT_SECONDS",
+    "DISCOVERY_CACHE_SECONDS",
+    "ROTATION_BATCH_SIZE",
+)
 
 
 @checks.register(checks.Tags.security)
@@ -76,13 +87,32 @@ def check_providers(app_configs: Any = None, **kwargs: Any) -> list[checks.Check
     return messages
 
 
-@checks.register(checks.Tags.database)
+@checks.register()
+def check_numbers(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    messages = []
+    for name in POSITIVE_NUMBERS:
+        value = getattr(mailgov_settings, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            messages.append(
+                checks.Error(
+                    f"MAILGOV_{name} must be a positive number, not {value!r}.",
+                    id=NUMBER_NOT_POSITIVE,
+                )
+            )
+    return messages
+
+
+@checks.register()
 def check_sqlite_transaction_mode(
     app_configs: Any = None, databases: Any = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
-    """On SQLite, single-flight refresh across processes needs IMMEDIATE transactions."""
+    """On SQLite, single-flight refresh across processes needs IMMEDIATE transactions.
+
+    Not tagged ``database``: it reads settings only, and ``manage.py check``
+    and ``runserver`` skip database-tagged checks.
+    """
     messages = []
-    for alias in databases or ():
+    for alias in databases if databases is not None else connections:
         connection = connections[alias]
         if connection.vendor != "sqlite":
             continue

@@ -48,6 +48,22 @@ class Sealed:
     __hash__ = None  # mutable holder; never a dict key
 
 
+class Decrypted(str):
+    """A decrypted value that remembers the ciphertext it came from.
+
+    Writing it back unchanged (``loaddata``'s raw save, ``bulk_update()`` of
+    other fields) stores that same ciphertext instead of refusing plaintext;
+    assigned to another row it is encrypted afresh by ``pre_save()``.
+    """
+
+    __slots__ = ("sealed",)
+
+    def __new__(cls, value: str, sealed: Sealed) -> Decrypted:
+        self = super().__new__(cls, value)
+        self.sealed = sealed
+        return self
+
+
 class EncryptedAttribute(DeferredAttribute):
     """Decrypts on read; keeps assignments as pending plaintext until save."""
 
@@ -56,7 +72,7 @@ class EncryptedAttribute(DeferredAttribute):
             return self
         value = super().__get__(instance, cls)  # loads a deferred column
         if isinstance(value, Sealed):
-            return self.field.decrypt_for(instance, value.ciphertext)
+            return Decrypted(self.field.decrypt_for(instance, value.ciphertext), value)
         return value
 
     def __set__(self, instance: models.Model, value: Any) -> None:
@@ -118,6 +134,7 @@ class EncryptedTextField(models.TextField):
     def pre_save(self, model_instance: models.Model, add: bool) -> Any:
         value = model_instance.__dict__.get(self.attname)
         if isinstance(value, str):
+            # New plaintext (a Decrypted from another row is plaintext here too).
             value = self.seal_for(model_instance, value)
             # Keep the instance consistent with what is now stored.
             model_instance.__dict__[self.attname] = value
@@ -128,6 +145,10 @@ class EncryptedTextField(models.TextField):
             return None
         if isinstance(value, Sealed):
             return value.ciphertext
+        if isinstance(value, Decrypted):
+            # Read from a row and written back unchanged: the stored
+            # ciphertext, still bound to the row it came from.
+            return value.sealed.ciphertext
         raise TypeError(
             f"{self.model._meta.label}.{self.name} is encrypted: assign plaintext to an "
             "instance and save() it, or pass a value sealed with seal_for(); plaintext "

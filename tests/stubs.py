@@ -8,6 +8,7 @@ else runs against the demo authorization server.
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -32,8 +33,13 @@ class StubServer:
 
 
 @contextmanager
-def token_endpoint_stub(*replies: StubReply) -> Iterator[StubServer]:
-    """Serve ``replies`` in order (the last one repeats) on a local port."""
+def token_endpoint_stub(
+    *replies: StubReply, tls: tuple[str, str] | None = None
+) -> Iterator[StubServer]:
+    """Serve ``replies`` in order (the last one repeats) on a local port.
+
+    ``tls`` is a ``(certificate, key)`` pair to serve HTTPS with.
+    """
     state = StubServer(url="", replies=list(replies))
 
     class Handler(BaseHTTPRequestHandler):
@@ -57,9 +63,15 @@ def token_endpoint_stub(*replies: StubReply) -> Iterator[StubServer]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
+    scheme = "http"
+    if tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/token"
+    state.url = f"{scheme}://127.0.0.1:{server.server_address[1]}/token"
     try:
         yield state
     finally:

@@ -108,6 +108,35 @@ def test_sqlite_without_immediate_transactions_warns():
     assert warning.id == "mailgov.W001"
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MAILGOV_HTTP_TIMEOUT_SECONDS", None),
+        ("MAILGOV_SMTP_TIMEOUT_SECONDS", 0),
+        ("MAILGOV_TOKEN_REFRESH_MARGIN_SECONDS", -1),
+        ("MAILGOV_ROTATION_BATCH_SIZE", "500"),
+    ],
+)
+def test_numbers_must_be_positive(name, value):
+    with override_settings(**{name: value}):
+        ids = [m.id for m in run_checks()]
+    assert "mailgov.E020" in ids
+
+
+def test_sqlite_warning_shows_in_a_plain_check():
+    """W001 is not database-tagged, so `manage.py check` shows it."""
+    connection = connections["default"]
+    if connection.vendor != "sqlite":
+        assert "mailgov.W001" not in [m.id for m in run_checks()]
+        return
+    options = connection.settings_dict["OPTIONS"]
+    saved = options.pop("transaction_mode")
+    try:
+        assert "mailgov.W001" in [m.id for m in run_checks()]
+    finally:
+        options["transaction_mode"] = saved
+
+
 def test_checks_registered_with_django():
     with override_settings(MAILGOV_ENCRYPTION_KEYS=["broken"]):
         ids = [m.id for m in run_checks()]

@@ -154,10 +154,17 @@ def test_keys_from_file(tmp_path):
 
 
 def test_key_is_not_secret_key_derived(settings):
-    # Changing SECRET_KEY changes nothing about what decrypts.
+    # Changing SECRET_KEY changes nothing about what decrypts ...
     value = crypto.encrypt("token", BOUND)
     settings.SECRET_KEY = "something-else-entirely"
+    crypto.reset_keyring()
     assert crypto.decrypt(value, BOUND) == "token"
+    # ... and SECRET_KEY alone never makes a keyring.
+    with (
+        override_settings(MAILGOV_ENCRYPTION_KEYS=None, MAILGOV_ENCRYPTION_KEYS_FILE=None),
+        pytest.raises(KeyringError),
+    ):
+        crypto.encrypt("token", BOUND)
 
 
 @given(st.text(max_size=2048), st.text(min_size=1, max_size=40))

@@ -7,7 +7,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from django.core import serializers
 from django.core.management import call_command
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
@@ -112,18 +111,40 @@ def test_none_stays_none(credentials):
     assert MailboxCredentials.objects.get(pk=credentials.pk).access_token is None
 
 
-def test_dumpdata_contains_ciphertext_only_and_loads_back(credentials):
+def test_dumpdata_contains_ciphertext_only_and_loaddata_restores(credentials, tmp_path):
     out = io.StringIO()
-    call_command("dumpdata", "mailgov", stdout=out)
+    call_command("dumpdata", "auth.user", "mailgov", stdout=out)
     dump = out.getvalue()
     assert ACCESS not in dump and REFRESH not in dump
     assert "mg1$test1$" in dump
-    objects = [
-        o.object
-        for o in serializers.deserialize("json", dump)
-        if isinstance(o.object, MailboxCredentials)
-    ]
-    assert objects[0].access_token == ACCESS
+    path = tmp_path / "dump.json"
+    path.write_text(dump)
+    MailboxCredentials.objects.all().delete()
+    Mailbox.objects.all().delete()
+    call_command("loaddata", str(path), stdout=io.StringIO())
+    restored = MailboxCredentials.objects.get(pk=credentials.pk)
+    assert restored.access_token == ACCESS
+    assert restored.refresh_token == REFRESH
+    assert raw_column(credentials.pk) in dump
+
+
+def test_a_read_value_written_back_keeps_its_ciphertext(credentials):
+    fresh = MailboxCredentials.objects.get(pk=credentials.pk)
+    before = raw_column(credentials.pk)
+    fresh.expires_at = None
+    MailboxCredentials.objects.bulk_update([fresh], ["access_token", "expires_at"])
+    assert raw_column(credentials.pk) == before
+    assert MailboxCredentials.objects.get(pk=credentials.pk).access_token == ACCESS
+
+
+def test_a_value_assigned_to_another_row_is_encrypted_for_it(credentials, django_user_model):
+    owner = django_user_model.objects.create_user("o2", "o2@example.test", "pw")
+    other = Mailbox.objects.create(owner=owner, provider="demo", address="o2@example.test")
+    copy = MailboxCredentials.objects.create(
+        mailbox=other, access_token=MailboxCredentials.objects.get(pk=credentials.pk).access_token
+    )
+    assert raw_column(copy.pk) != raw_column(credentials.pk)
+    assert MailboxCredentials.objects.get(pk=other.pk).access_token == ACCESS
 
 
 @pytest.mark.django_db(transaction=True)

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from auditlog.models import LogEntry
 from django.conf import settings as django_settings
-from django.db import connection
+from django.core.mail import send_mail
+from django.db import connection, transaction
 from django.utils import timezone
 
 from mailgov.exceptions import (
@@ -81,9 +82,12 @@ def test_token_inside_the_margin_is_refreshed(connect, authserver, settings):
     assert len(seen) == 1 and set(seen[0]) >= {"mailbox", "signal", "sender"}
 
 
-def test_eight_threads_and_two_processes_cause_one_refresh(connect, authserver, demo_provider):
+def test_eight_threads_and_two_processes_sending_cause_one_refresh(
+    connect, authserver, demo_provider, smtp, settings
+):
     if connection.vendor == "sqlite" and ":memory:" in str(connection.settings_dict["NAME"]):
         pytest.fail("the single-flight test needs a file database")
+    settings.EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
     mailbox = connect("alice")
     expire(mailbox)
     before = refresh_tokens_issued(authserver, "alice")
@@ -110,6 +114,7 @@ def test_eight_threads_and_two_processes_cause_one_refresh(connect, authserver, 
     def work():
         time.sleep(max(0.0, start_at - time.time()))
         try:
+            send_mail("From process 1", "x", mailbox.address, ["z@x.test"])
             results.append(hashlib.sha256(get_access_token(mailbox).encode()).hexdigest())
         except Exception as exc:
             results.append(f"error:{type(exc).__name__}")
@@ -126,7 +131,9 @@ def test_eight_threads_and_two_processes_cause_one_refresh(connect, authserver, 
     results += json.loads(out.strip().splitlines()[-1])
     assert len(results) == 12
     assert not [r for r in results if r.startswith("error:")], results
-    # Everyone got the same, new token, and the server saw exactly one refresh.
+    # Every message went out, everyone used the same new token, and the
+    # authorization server saw exactly one refresh.
+    assert len(smtp.messages) == 12
     assert len(set(results)) == 1
     assert refresh_tokens_issued(authserver, "alice") == before + 1
     assert hashlib.sha256(secrets_of(mailbox)[0].encode()).hexdigest() == results[0]
@@ -295,3 +302,34 @@ def test_no_access_token_in_a_200_is_an_error(google_mailbox):
         with pytest.raises(TokenRefreshError, match="no access token"):
             get_access_token(mailbox)
     assert secrets_of(mailbox) == [ACCESS, REFRESH]
+
+
+def test_a_suspended_mailbox_gets_no_token_even_if_one_is_stored(connect):
+    mailbox = connect("alice")
+    Mailbox.objects.filter(pk=mailbox.pk).update(status=Mailbox.Status.SUSPENDED)
+    with pytest.raises(MailboxUnavailableError, match="suspended"):
+        get_access_token(mailbox)
+
+
+def test_inside_a_transaction_the_signal_waits_for_the_commit(google_mailbox):
+    documented = {"error": "invalid_grant"}
+    fired = []
+    mailbox_needs_reconsent.connect(lambda **kw: fired.append(kw), weak=False, dispatch_uid="t")
+    try:
+        with token_endpoint_stub(StubReply(400, documented)) as stub:
+            mailbox = google_mailbox(stub)
+            with transaction.atomic():
+                with pytest.raises(GrantRevokedError):
+                    get_access_token(mailbox)
+                assert fired == []  # not committed yet
+            assert len(fired) == 1
+            # Rolled back instead: no signal, and the mailbox is as it was.
+            mailbox = google_mailbox(stub)  # connected again
+            fired.clear()
+            with pytest.raises(GrantRevokedError), transaction.atomic():
+                get_access_token(mailbox)
+            assert fired == []
+            mailbox.refresh_from_db()
+            assert mailbox.status == Mailbox.Status.ACTIVE
+    finally:
+        mailbox_needs_reconsent.disconnect(dispatch_uid="t")

@@ -42,7 +42,7 @@ from django.conf import settings
 from django.core.mail.backends import smtp
 from django.core.mail.message import EmailMessage, sanitize_address
 from django.core.mail.utils import DNS_NAME
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.db.models.functions import Lower
 from django.utils import timezone
 from django.utils.decorators import method_decorator
@@ -82,8 +82,11 @@ DJANGO_HEADERS = frozenset(
         "message-id",
     }
 )
-FORBIDDEN_CHARS = ("\r", "\n", "\0")
-FORBIDDEN_RE = re.compile("[\r\n\0]")
+# CR, LF and NUL, every other control character but TAB (RFC 5322 allows
+# none in a header), and the Unicode line breaks some readers split on.
+FORBIDDEN_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+# The same for the serialized header block, where CRLF separates lines.
+FORBIDDEN_BYTES_RE = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 MAX_ADDRESS_LENGTH = 254  # RFC 5321 path limit less the angle brackets
 MAX_LOCAL_PART_LENGTH = 64
 
@@ -102,7 +105,9 @@ def _addr_spec(formatted: str) -> str:
 
 def _check_value(what: str, value: Any) -> None:
     if FORBIDDEN_RE.search(str(value)):
-        raise InvalidMessageError(f"{what} contains a line break or NUL; nothing was sent.")
+        raise InvalidMessageError(
+            f"{what} contains a line break or control character; nothing was sent."
+        )
 
 
 @dataclass
@@ -201,8 +206,8 @@ def prepare_message(message: EmailMessage) -> PreparedMessage:
 def _check_header_block(data: bytes, allowed: frozenset[str] | set[str]) -> None:
     """The bytes on the wire must hold no header line nobody asked for."""
     head = data.split(b"\r\n\r\n", 1)[0]
-    if b"\0" in head:
-        raise InvalidMessageError("The header block contains NUL; nothing was sent.")
+    if FORBIDDEN_BYTES_RE.search(head):
+        raise InvalidMessageError("The header block has a control character; nothing was sent.")
     for line in head.split(b"\r\n"):
         if b"\r" in line or b"\n" in line:
             raise InvalidMessageError("The header block has a bare line break; nothing was sent.")
@@ -221,9 +226,10 @@ def _check_header_block(data: bytes, allowed: frozenset[str] | set[str]) -> None
                 text = (
                     part.decode(charset or "ascii", "replace") if isinstance(part, bytes) else part
                 )
-                if any(char in text for char in FORBIDDEN_CHARS):
+                if FORBIDDEN_RE.search(text):
                     raise InvalidMessageError(
-                        "An encoded header decodes to a line break or NUL; nothing was sent."
+                        "An encoded header decodes to a line break or control character; "
+                        "nothing was sent."
                     )
 
 
@@ -554,15 +560,34 @@ class EmailBackend(smtp.EmailBackend):
         finally:
             if new_connection:
                 self.close()
-            post_send.send(sender=type(self), mailbox=mailbox, sent=sent, failed=len(items) - sent)
+            # A receiver's error must neither hide the send's own exception nor
+            # turn sent mail into a failure: robust, and logged.
+            for receiver, error in post_send.send_robust(
+                sender=type(self), mailbox=mailbox, sent=sent, failed=len(items) - sent
+            ):
+                if isinstance(error, Exception):
+                    logger.error("post_send receiver %r failed: %s", receiver, type(error).__name__)
         return sent
 
     def _record(self, logs: list[SendLog]) -> None:
+        """Write the batch's send log in one transaction.
+
+        Never raises: the mail has gone (or failed) already, and a database
+        error here must not make a caller resend what was sent, nor replace
+        the exception of a failed send. The failure is logged instead.
+        """
         if not logs:
             return
         used = {log.mailbox_id for log in logs if log.status == SendLog.Status.SENT}
-        # One transaction, one commit, for the whole batch.
-        with transaction.atomic():
-            SendLog.objects.bulk_create(logs)
-            if used:
-                Mailbox.objects.filter(pk__in=used).update(last_used_at=timezone.now())
+        try:
+            with transaction.atomic():
+                SendLog.objects.bulk_create(logs)
+                if used:
+                    Mailbox.objects.filter(pk__in=used).update(last_used_at=timezone.now())
+        except DatabaseError as exc:
+            logger.error(
+                "send log of %d messages (%d sent) not written: %s",
+                len(logs),
+                sum(log.status == SendLog.Status.SENT for log in logs),
+                type(exc).__name__,
+            )

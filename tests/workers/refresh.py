@@ -1,5 +1,6 @@
-"""A second process for the single-flight test: N threads call get_access_token()
-at the same instant against the test database, and print the tokens' digests.
+"""A second process for the single-flight test: N threads send a message through
+mailgov's backend at the same instant against the test database, then print,
+per thread, the digest of the token it used (or the error).
 
 Environment: MAILGOV_TEST_DB_NAME, MAILGOV_TEST_KEYS, MAILGOV_TEST_PROVIDERS
 (JSON), MAILGOV_TEST_MAILBOX, MAILGOV_TEST_THREADS, MAILGOV_TEST_START_AT.
@@ -20,11 +21,13 @@ from tests import settings as test_settings
 test_settings.DATABASES["default"]["NAME"] = os.environ["MAILGOV_TEST_DB_NAME"]
 test_settings.MAILGOV_ENCRYPTION_KEYS = json.loads(os.environ["MAILGOV_TEST_KEYS"])
 test_settings.MAILGOV_PROVIDERS = json.loads(os.environ["MAILGOV_TEST_PROVIDERS"])
+test_settings.EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
 
 import django  # noqa: E402
 
 django.setup()
 
+from django.core.mail import send_mail  # noqa: E402
 from django.db import connection  # noqa: E402
 
 from mailgov.models import Mailbox  # noqa: E402
@@ -40,6 +43,7 @@ def main() -> None:
     def work() -> None:
         time.sleep(max(0.0, start_at - time.time()))
         try:
+            send_mail("From process 2", "x", mailbox.address, ["z@x.test"])
             token = get_access_token(mailbox)
             results.append(hashlib.sha256(token.encode()).hexdigest())
         except Exception as exc:

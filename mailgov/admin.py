@@ -1,10 +1,23 @@
-"""A read-mostly admin for mailboxes and the send log. It never shows a token."""
+"""The admin for mailboxes and the send log. It never shows a token.
+
+Status changes go through the services (revocation wipes and revokes tokens,
+writes the audit trail); the status is therefore read-only here, and the one
+action is "Revoke", which needs the ``mailgov.change_mailbox`` permission.
+"""
 
 from __future__ import annotations
 
-from django.contrib import admin
+import logging
 
+from django.contrib import admin, messages
+from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
+
+from mailgov.exceptions import MailgovConfigurationError
 from mailgov.models import Mailbox, SendLog
+from mailgov.services import revoke_mailbox
+
+security_logger = logging.getLogger("mailgov.security")
 
 
 @admin.register(Mailbox)
@@ -17,6 +30,7 @@ class MailboxAdmin(admin.ModelAdmin):
         "owner",
         "provider",
         "address",
+        "status",
         "scopes",
         "connected_at",
         "last_used_at",
@@ -24,11 +38,53 @@ class MailboxAdmin(admin.ModelAdmin):
         "revoked_at",
         "revocation_reason",
     )
-    fields = ("id", "owner", "provider", "address", "status", *readonly_fields[4:])
+    actions = ["revoke"]
 
     def has_add_permission(self, request) -> bool:
         # A mailbox is connected by its owner's consent, never typed in.
         return False
+
+    @admin.action(description=_("Revoke the selected mailboxes' grants"), permissions=["change"])
+    def revoke(self, request, queryset):
+        results = {True: 0, False: 0, None: 0}
+        for mailbox in queryset.exclude(status=Mailbox.Status.REVOKED):
+            try:
+                result = revoke_mailbox(mailbox, f"admin: revoked by {request.user.pk}")
+            except MailgovConfigurationError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+                continue
+            results[result.at_provider] += 1
+        security_logger.info(
+            "admin user %s revoked %d mailboxes", request.user.pk, sum(results.values())
+        )
+        self.message_user(
+            request,
+            ngettext(
+                "%(count)d mailbox revoked.", "%(count)d mailboxes revoked.", sum(results.values())
+            )
+            % {"count": sum(results.values())},
+        )
+        if results[False]:
+            self.message_user(
+                request,
+                _(
+                    "%(count)d of them have no revocation endpoint (Microsoft 365): their tokens "
+                    "are deleted here; to end the grant at the provider, a tenant administrator "
+                    "removes the app's consent or revokes the user's sessions."
+                )
+                % {"count": results[False]},
+                messages.WARNING,
+            )
+        if results[None]:
+            self.message_user(
+                request,
+                _(
+                    "%(count)d could not be revoked at the provider yet (unreachable); they are "
+                    "revoked here and never send."
+                )
+                % {"count": results[None]},
+                messages.WARNING,
+            )
 
 
 @admin.register(SendLog)

@@ -7,15 +7,21 @@ import io
 from datetime import timedelta
 
 import pytest
+import requests
 from auditlog.models import LogEntry
 from django.contrib import admin
+from django.contrib.auth.models import Permission
 from django.core.mail import send_mail
 from django.core.management import call_command
 from django.utils import timezone
 
 from mailgov.backends.smtp import xoauth2_initial_response
+from mailgov.exceptions import MailboxUnavailableError
 from mailgov.models import Mailbox, MailboxCredentials, SendLog
+from mailgov.providers import OIDCProvider
+from mailgov.services import revoke_mailbox
 from tests.conftest import secrets_of
+from tests.stubs import StubReply, token_endpoint_stub
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -70,3 +76,64 @@ def test_full_dump_and_audit_trail_hold_no_token(used_mailbox, leak_check):
     trail = " ".join(str(entry.changes) + str(entry.additional_data) for entry in entries)
     assert all(token not in trail for token in tokens)
     leak_check(tokens)
+
+
+def test_admin_revoke_action_revokes_at_the_provider(connect, smtp, admin_client, authserver):
+    mailbox = connect("alice")
+    _, refresh = secrets_of(mailbox)
+    response = admin_client.post(
+        "/admin/mailgov/mailbox/",
+        {"action": "revoke", "_selected_action": [str(mailbox.pk)]},
+        follow=True,
+    )
+    assert "1 mailbox revoked" in response.content.decode()
+    mailbox.refresh_from_db()
+    assert mailbox.status == Mailbox.Status.REVOKED
+    assert mailbox.revoked_at is not None
+    assert secrets_of(mailbox) == []
+    # Inactive at the authorization server (RFC 7662 introspection).
+    answer = requests.post(
+        authserver.metadata()["introspection_endpoint"],
+        data={"token": refresh},
+        auth=(authserver.smtp_client_id, authserver.smtp_client_secret),
+        timeout=10,
+    ).json()
+    assert answer["active"] is False
+    entry = LogEntry.objects.get_for_object(mailbox).first()
+    assert "revoked" in str(entry.changes)
+
+
+def test_revoke_needs_the_change_permission(connect, smtp, client, django_user_model):
+    mailbox = connect("alice")
+    viewer = django_user_model.objects.create_user("viewer", "v@x.test", "pw", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_mailbox"))
+    client.force_login(viewer)
+    response = client.post(
+        "/admin/mailgov/mailbox/",
+        {"action": "revoke", "_selected_action": [str(mailbox.pk)]},
+        follow=True,
+    )
+    assert response.status_code == 200
+    mailbox.refresh_from_db()
+    assert mailbox.status == Mailbox.Status.ACTIVE
+
+
+def test_revoke_with_the_provider_down_keeps_the_refresh_token_only(
+    connect, smtp, settings, authserver, monkeypatch
+):
+    settings.EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
+    mailbox = connect("alice")
+    _, refresh = secrets_of(mailbox)
+    settings.MAILGOV_HTTP_TIMEOUT_SECONDS = 1
+    with token_endpoint_stub(StubReply(503, {})) as stub:
+        monkeypatch.setattr(OIDCProvider, "revocation_endpoint", property(lambda self: stub.url))
+        result = revoke_mailbox(mailbox, "user: disconnected")
+        assert stub.requests[0]["token"] == [refresh]
+    assert result.at_provider is None
+    mailbox.refresh_from_db()
+    assert mailbox.status == Mailbox.Status.REVOKED
+    credentials = MailboxCredentials.objects.get(pk=mailbox.pk)
+    assert credentials.access_token is None
+    assert credentials.refresh_token == refresh  # kept, encrypted, for the retry
+    with pytest.raises(MailboxUnavailableError):
+        send_mail("x", "x", "alice@example.test", ["z@x.test"], fail_silently=True)

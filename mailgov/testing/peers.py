@@ -429,3 +429,59 @@ def start_authserver(
         process=process,
         redirect_uris=list(redirect_uris),
     )
+
+
+def start_smtpserver_process(
+    authserver: AuthServer,
+    *,
+    port: int,
+    tls_dir: Path,
+    log_path: Path,
+    required_scope: str = "mail.send",
+    maildir: Path | None = None,
+    password_accounts: Mapping[str, str] | None = None,
+    introspection_cache_seconds: float = 0,
+    env: Mapping[str, str] | None = None,
+    python: str = sys.executable,
+    cwd: Path | None = None,
+) -> ServerProcess:
+    """Start ``python -m mailgov.testing.smtpserver`` against ``authserver``.
+
+    Tokens are checked at the authorization server's introspection endpoint
+    with its SMTP client, whose secret reaches the process by environment.
+    ``password_accounts`` (address to password) enable PLAIN/LOGIN for
+    throw-away accounts, e.g. to measure Django's stock backend. Returns once
+    the port accepts connections.
+    """
+    args = [
+        python,
+        "-m",
+        "mailgov.testing.smtpserver",
+        "--port",
+        str(port),
+        "--tls-dir",
+        str(tls_dir),
+        "--introspection-url",
+        authserver.metadata()["introspection_endpoint"],
+        "--introspection-client-id",
+        authserver.smtp_client_id,
+        "--required-scope",
+        required_scope,
+    ]
+    if maildir is not None:
+        args += ["--maildir", str(maildir)]
+    for address, password in (password_accounts or {}).items():
+        args += ["--password-account", f"{address}:{password}"]
+    if introspection_cache_seconds:
+        args += ["--introspection-cache-seconds", str(introspection_cache_seconds)]
+    return ServerProcess(
+        args,
+        env={
+            **(env if env is not None else os.environ),
+            "MAILGOV_SMTP_INTROSPECTION_SECRET": authserver.smtp_client_secret,
+        },
+        log_path=log_path,
+        cwd=cwd,
+        ready_port=port,
+        name="smtpserver",
+    ).start()

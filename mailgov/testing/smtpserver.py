@@ -38,6 +38,7 @@ import email
 import email.message
 import email.policy
 import enum
+import hashlib
 import hmac
 import json
 import logging
@@ -49,6 +50,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -593,6 +595,7 @@ class SubmissionServer(Controller):
         faults: Faults | None = None,
         ready_timeout: float = DEFAULT_READY_TIMEOUT_SECONDS,
         introspection_timeout: float = DEFAULT_INTROSPECTION_TIMEOUT_SECONDS,
+        introspection_cache_seconds: float = 0,
         max_messages: int = MAX_MESSAGES,
     ) -> None:
         super().__init__(
@@ -612,6 +615,11 @@ class SubmissionServer(Controller):
         self._introspection_client = introspection_client
         self._introspection_verify: str | bool = introspection_ca or True
         self._introspection_timeout = introspection_timeout
+        # Off by default: tests need a revoked token refused at once. The
+        # benchmark turns it on, since a provider validates its own tokens
+        # without a network round trip and the figure should measure clients.
+        self._introspection_cache_seconds = introspection_cache_seconds
+        self._introspection_cache: dict[tuple[str, str], float] = {}
         self._password_accounts = self._check_accounts(password_accounts or {})
         self._maildir_path = Path(maildir) if maildir is not None else None
         self._maildir: mailbox.Maildir | None = None
@@ -860,6 +868,15 @@ class SubmissionServer(Controller):
         """
         if self.introspection_url is None:
             return _Verdict.REJECT
+        key = (hashlib.sha256(token.encode()).hexdigest(), user.casefold())
+        if self._introspection_cache.get(key, 0.0) > time.monotonic():
+            return _Verdict.ACCEPT
+        verdict = self._ask_introspection(user, token)
+        if verdict is _Verdict.ACCEPT and self._introspection_cache_seconds > 0:
+            self._introspection_cache[key] = time.monotonic() + self._introspection_cache_seconds
+        return verdict
+
+    def _ask_introspection(self, user: str, token: str) -> _Verdict:
         try:
             response = requests.post(
                 self.introspection_url,
@@ -944,6 +961,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fault", action="append", choices=Faults.names(), default=[], help="repeatable"
     )
+    parser.add_argument(
+        "--introspection-cache-seconds",
+        type=float,
+        default=0,
+        help="remember accepted tokens this long (off by default; the benchmark uses it)",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every connection")
     return parser
 
@@ -984,6 +1007,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         introspection_client=client,
         required_scope=args.required_scope,
         introspection_ca=args.introspection_ca,
+        introspection_cache_seconds=args.introspection_cache_seconds,
         password_accounts=dict(args.password_account),
         maildir=args.maildir,
         faults=faults,

@@ -18,7 +18,12 @@ import time
 from pathlib import Path
 
 from mailgov.testing.ca import ensure_tls_files
-from mailgov.testing.peers import PeerStartError, ServerProcess, start_authserver
+from mailgov.testing.peers import (
+    PeerStartError,
+    ServerProcess,
+    start_authserver,
+    start_smtpserver_process,
+)
 from project.demo.management.commands.demo_seed import DEMO_USERS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +66,6 @@ def main() -> int:
         print(f"Generated a demo encryption key in {key_file} (mode 0600).")
     tls = ensure_tls_files(VAR / "tls")
     client_secret = secret_file(VAR / "demo-client-secret")
-    smtp_secret = secrets.token_urlsafe(32)
 
     try:
         print("Starting the demo authorization server ...")
@@ -73,7 +77,6 @@ def main() -> int:
                 f"http://127.0.0.1:{SITE_PORT}/demo/oauth/callback/",
             ],
             client_secret=client_secret,
-            smtp_client_secret=smtp_secret,
             user_passwords={name: password for name, (_, password) in DEMO_USERS.items()},
             cwd=ROOT,
         )
@@ -81,30 +84,15 @@ def main() -> int:
 
         print("Starting the demo SMTP server ...")
         processes.append(
-            ServerProcess(
-                [
-                    sys.executable,
-                    "-m",
-                    "mailgov.testing.smtpserver",
-                    "--port",
-                    str(SMTP_PORT),
-                    "--tls-dir",
-                    str(tls.ca_cert.parent),
-                    "--introspection-url",
-                    f"{authserver.url}/o/introspect/",
-                    "--introspection-client-id",
-                    authserver.smtp_client_id,
-                    "--required-scope",
-                    "mail.send",
-                    "--maildir",
-                    str(VAR / "mail"),
-                ],
-                env={**env, "MAILGOV_SMTP_INTROSPECTION_SECRET": smtp_secret},
+            start_smtpserver_process(
+                authserver,
+                port=SMTP_PORT,
+                tls_dir=tls.ca_cert.parent,
+                maildir=VAR / "mail",
                 log_path=VAR / "smtpserver.log",
+                env=env,
                 cwd=ROOT,
-                ready_port=SMTP_PORT,
-                name="smtpserver",
-            ).start()
+            )
         )
 
         print("Preparing the demo site ...")

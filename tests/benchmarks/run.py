@@ -54,7 +54,7 @@ def bench_send(messages: int, batch: int, rounds: int) -> None:
     from mailgov.services import connect_mailbox_from_code
     from mailgov.testing.ca import ensure_tls_files
     from mailgov.testing.oauth import authorize
-    from mailgov.testing.peers import ServerProcess, free_port, start_authserver
+    from mailgov.testing.peers import free_port, start_authserver, start_smtpserver_process
     from tests.conftest import REDIRECT_URI, SCOPES
 
     work = Path(tempfile.mkdtemp(prefix="mailgov-bench-"))
@@ -62,30 +62,18 @@ def bench_send(messages: int, batch: int, rounds: int) -> None:
     password = secrets.token_urlsafe(16)
     with start_authserver(work / "authserver", redirect_uris=[REDIRECT_URI]) as authserver:
         port = free_port()
-        smtp = ServerProcess(
-            [
-                sys.executable,
-                "-m",
-                "mailgov.testing.smtpserver",
-                "--port",
-                str(port),
-                "--tls-dir",
-                str(tls.ca_cert.parent),
-                "--introspection-url",
-                f"{authserver.url}/o/introspect/",
-                "--introspection-client-id",
-                authserver.smtp_client_id,
-                "--required-scope",
-                "mail.send",
-                "--password-account",
-                f"bench@example.test:{password}",
-            ],
-            env={**os.environ, "MAILGOV_SMTP_INTROSPECTION_SECRET": authserver.smtp_client_secret},
+        smtp = start_smtpserver_process(
+            authserver,
+            port=port,
+            tls_dir=tls.ca_cert.parent,
+            password_accounts={"bench@example.test": password},
+            # A provider checks its own tokens without a network round trip;
+            # caching the demo server's introspection answer keeps that cost
+            # out of a figure meant to compare the two clients.
+            introspection_cache_seconds=300,
             log_path=work / "smtp.log",
             cwd=ROOT,
-            ready_port=port,
-            name="smtpserver",
-        ).start()
+        )
         try:
             settings.MAILGOV_PROVIDERS = {
                 "demo": {

@@ -842,3 +842,26 @@ def test_cli_refuses_a_client_id_without_secret(tmp_path):
     )
     assert result.returncode == 2
     assert "MAILGOV_SMTP_INTROSPECTION_SECRET" in result.stderr
+
+
+@pytest.mark.parametrize(("cache_seconds", "calls"), [(0, 3), (300, 1)])
+def test_introspection_cache_is_opt_in(tls, introspection, cache_seconds, calls):
+    """Off by default (a revoked token is refused at once); the benchmark turns it on."""
+    with introspection.lock:
+        introspection.calls = 0
+    with SubmissionServer(
+        tls=tls,
+        introspection_url=introspection.url,
+        introspection_client=(CLIENT_ID, CLIENT_SECRET),
+        required_scope=SCOPE,
+        introspection_cache_seconds=cache_seconds,
+    ) as cached:
+        for _ in range(3):
+            client = secure(cached, tls)
+            assert client.auth("XOAUTH2", XOAuth2(ALICE, GOOD))[0] == 235
+            client.quit()
+        # A refused token is never cached as accepted.
+        client = secure(cached, tls)
+        assert client.docmd("AUTH", "XOAUTH2 " + b64(xoauth2(ALICE, INACTIVE)))[0] == 334
+        client.close()
+    assert introspection.calls == calls + 1

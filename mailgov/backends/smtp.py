@@ -15,13 +15,14 @@ Order of work in :meth:`EmailBackend.send_messages`, and why:
 3. Messages are grouped by mailbox; one authenticated connection per mailbox
    is opened and reused for all its messages.
 4. One ``SendLog`` row per message (sent or failed) is written in a single
-   bulk insert at the end of the batch, whatever happened.
+   bulk insert at the end of the batch, whatever happened (a database error
+   there is logged, never raised: the mail has already gone).
 
 ``fail_silently`` hides transport errors only (refused or dropped connection,
 timeout, an SMTP error reply, a provider that is down). It never hides a
 configuration or security error: bad input, unknown sender, missing scope,
-a server without STARTTLS or XOAUTH2, a certificate that does not verify, or
-a login refused even after a forced refresh.
+a server without STARTTLS or XOAUTH2, an SMTP or HTTPS certificate that does
+not verify, or a login refused even after a forced refresh.
 """
 
 from __future__ import annotations

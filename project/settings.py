@@ -8,26 +8,18 @@ server that ``make demo`` starts. ``DATABASE_URL`` selects PostgreSQL.
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 import dj_database_url
+
+from project.localsecrets import secret_from_file
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("MAILGOV_VAR_DIR", BASE_DIR / "var"))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 
-def _secret_from_file(path: Path) -> str:
-    """A random secret kept in ``var/``: a demo never ships a fixed one."""
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(50))
-    return path.read_text().strip()
-
-
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or _secret_from_file(VAR_DIR / "secret_key")
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or secret_from_file(VAR_DIR / "secret_key")
 DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
 
@@ -126,7 +118,7 @@ MAILGOV_PROVIDERS = {
         # Random per checkout, shared with the demo authorization server by
         # `make demo` through this file.
         "client_secret": os.environ.get("MAILGOV_DEMO_CLIENT_SECRET")
-        or _secret_from_file(VAR_DIR / "demo-client-secret"),
+        or secret_from_file(VAR_DIR / "demo-client-secret"),
         "send_scopes": ["mail.send"],
         "smtp_host": "127.0.0.1",
         "smtp_port": DEMO_SMTP_PORT,

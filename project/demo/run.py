@@ -10,7 +10,6 @@ generated encryption key file, the local CA, the Maildir and the logs.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from mailgov.testing.peers import (
     start_smtpserver_process,
 )
 from project.demo.management.commands.demo_seed import DEMO_USERS
+from project.localsecrets import secret_from_file
 
 ROOT = Path(__file__).resolve().parents[2]
 # The defaults are the README's; the environment moves them (the demo's own
@@ -37,14 +37,6 @@ SMTP_PORT = int(os.environ.get("MAILGOV_DEMO_SMTP_PORT", "8025"))
 
 def manage(*args: str, env: dict[str, str]) -> None:
     subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True)
-
-
-def secret_file(path: Path) -> str:
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(50))
-    return path.read_text().strip()
 
 
 def main() -> int:
@@ -65,7 +57,7 @@ def main() -> int:
         manage("mailgov_generate_key", "--key-id", "demo1", "--file", str(key_file), env=env)
         print(f"Generated a demo encryption key in {key_file} (mode 0600).")
     tls = ensure_tls_files(VAR / "tls")
-    client_secret = secret_file(VAR / "demo-client-secret")
+    client_secret = secret_from_file(VAR / "demo-client-secret")
 
     try:
         print("Starting the demo authorization server ...")

@@ -39,6 +39,11 @@ DEFAULTS: dict[str, Any] = {
     "PROVIDERS": {},
     # Rows re-encrypted per transaction by mailgov_rotate_keys.
     "ROTATION_BATCH_SIZE": 500,
+    # django-ratelimit rates of the consent pages, each applied per user and
+    # per IP address: starting a consent, the provider's callback, disconnect.
+    "CONSENT_RATE": "10/m",
+    "CALLBACK_RATE": "20/m",
+    "DISCONNECT_RATE": "10/m",
 }
 
 #: Settings that may also come from the process environment.

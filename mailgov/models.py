@@ -148,3 +148,43 @@ class SendLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.status} {self.message_id}"
+
+
+class ConsentReceipt(models.Model):
+    """A receipt for every grant, re-grant and withdrawal of a capability.
+
+    Records what was asked, what was granted and which version of the
+    explanation the user was shown. The IP address is truncated (the last
+    octet of IPv4, the last 80 bits of IPv6) before it is stored.
+    """
+
+    class Action(models.TextChoices):
+        GRANT = "grant", _("Granted")
+        PARTIAL = "partial", _("Partly granted")
+        WITHDRAW = "withdraw", _("Withdrawn")
+
+    id = models.BigAutoField(primary_key=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="mailgov_receipts"
+    )
+    mailbox = models.ForeignKey(
+        Mailbox, on_delete=models.SET_NULL, null=True, blank=True, related_name="receipts"
+    )
+    provider = models.CharField(_("provider"), max_length=64)
+    address = models.EmailField(_("address"), max_length=254, blank=True)
+    capability = models.CharField(_("capability"), max_length=64)
+    action = models.CharField(_("action"), max_length=10, choices=Action.choices)
+    scopes_requested = models.JSONField(_("scopes asked"), default=list)
+    scopes_granted = models.JSONField(_("scopes granted"), default=list)
+    explanation_version = models.PositiveIntegerField(_("explanation version"))
+    created_at = models.DateTimeField(_("time"), default=timezone.now)
+    ip_address = models.CharField(_("IP address (truncated)"), max_length=64, blank=True)
+    user_agent = models.CharField(_("browser"), max_length=300, blank=True)
+
+    class Meta:
+        verbose_name = _("consent receipt")
+        verbose_name_plural = _("consent receipts")
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.capability} {self.address}"

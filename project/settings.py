@@ -32,6 +32,14 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "auditlog",
     "mailgov",
+    # Before allauth: its templates (the authentication error page) win.
+    "mailgov.contrib.allauth",
+    "allauth",
+    "allauth.account",
+    "allauth.socialaccount",
+    "allauth.socialaccount.providers.openid_connect",
+    "allauth.socialaccount.providers.google",
+    "allauth.socialaccount.providers.microsoft",
     "project.demo",
 ]
 
@@ -44,6 +52,13 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "auditlog.middleware.AuditlogMiddleware",
+    "allauth.account.middleware.AccountMiddleware",
+    "django_ratelimit.middleware.RatelimitMiddleware",
+]
+
+AUTHENTICATION_BACKENDS = [
+    "django.contrib.auth.backends.ModelBackend",
+    "allauth.account.auth_backends.AuthenticationBackend",
 ]
 
 ROOT_URLCONF = "project.urls"
@@ -95,7 +110,7 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "static"
-LOGIN_URL = "/admin/login/"
+LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 
 EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
@@ -138,3 +153,67 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {"mailgov": {"handlers": ["console"], "level": "INFO"}},
 }
+
+# --- sign-in (django-allauth) and consent ----------------------------------------
+# Sign-in asks for identity only; mail access is asked for later, on mailgov's
+# consent page, which decides the scopes itself. Tokens never go to allauth's
+# SocialToken: mailgov's adapter puts them into its encrypted vault.
+SOCIALACCOUNT_STORE_TOKENS = False
+SOCIALACCOUNT_ADAPTER = "mailgov.contrib.allauth.adapter.MailgovSocialAccountAdapter"
+SOCIALACCOUNT_LOGIN_ON_GET = False
+SOCIALACCOUNT_EMAIL_AUTHENTICATION = True
+SOCIALACCOUNT_EMAIL_AUTHENTICATION_AUTO_CONNECT = True
+ACCOUNT_EMAIL_VERIFICATION = "none"
+RATELIMIT_VIEW = "mailgov.contrib.allauth.views.ratelimited"
+IDENTITY_SCOPES = ["openid", "email", "profile"]
+
+
+def _app(client_id_env: str, secret_env: str, **extra) -> list[dict]:
+    """An allauth app from the environment (or a secret file): never from the database."""
+    client_id = os.environ.get(client_id_env)
+    secret = os.environ.get(secret_env)
+    if not secret and os.environ.get(secret_env + "_FILE"):
+        secret = Path(os.environ[secret_env + "_FILE"]).read_text().strip()
+    if not client_id:
+        return []
+    return [{"client_id": client_id, "secret": secret or "", **extra}]
+
+
+SOCIALACCOUNT_PROVIDERS = {
+    "openid_connect": {
+        "OAUTH_PKCE_ENABLED": True,
+        "APPS": [
+            {
+                "provider_id": "demo",
+                "name": "Demo identity provider",
+                "client_id": MAILGOV_PROVIDERS["demo"]["client_id"],
+                "secret": MAILGOV_PROVIDERS["demo"]["client_secret"],
+                "settings": {
+                    "server_url": AUTHSERVER_URL,
+                    "oauth_pkce_enabled": True,
+                    "token_auth_method": "client_secret_post",
+                    "scope": IDENTITY_SCOPES,
+                },
+            }
+        ],
+    },
+    "google": {
+        "OAUTH_PKCE_ENABLED": True,
+        "SCOPE": IDENTITY_SCOPES,
+        "APPS": _app("GOOGLE_CLIENT_ID", "GOOGLE_CLIENT_SECRET"),
+    },
+    "microsoft": {
+        "OAUTH_PKCE_ENABLED": True,
+        "SCOPE": ["openid", "email", "profile", "User.Read"],
+        "APPS": _app(
+            "MICROSOFT_CLIENT_ID", "MICROSOFT_CLIENT_SECRET", settings={"tenant": "organizations"}
+        ),
+    },
+}
+for _provider_id, _allauth_id in (("google", "google"), ("microsoft", "microsoft")):
+    if SOCIALACCOUNT_PROVIDERS[_allauth_id]["APPS"]:
+        _app_config = SOCIALACCOUNT_PROVIDERS[_allauth_id]["APPS"][0]
+        MAILGOV_PROVIDERS[_provider_id] = {
+            "client_id": _app_config["client_id"],
+            "client_secret": _app_config["secret"],
+        }

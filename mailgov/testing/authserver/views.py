@@ -68,6 +68,17 @@ class ConsentView(AuthorizationView):
             redirect_to = add_params_to_uri(redirect_to, [("iss", issuer)])
         return super().redirect(redirect_to, application)
 
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        # Granular consent: grant only the scopes left ticked, and never one
+        # that was not requested.
+        if request.POST.get("scope_choices") == "1":
+            requested = request.POST.get("scope", "").split()
+            ticked = set(request.POST.getlist("granted_scope"))
+            data = request.POST.copy()
+            data["scope"] = " ".join(scope for scope in requested if scope in ticked)
+            request.POST = data
+        return super().post(request, *args, **kwargs)
+
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         context = super().get_context_data(**kwargs)
         scopes = context.get("scopes") or []

@@ -1,0 +1,1 @@
+"""Optional integrations, each kept in one place."""

@@ -1,0 +1,88 @@
+"""The allauth adapter: where mailgov changes the flow (signals only react)."""
+
+from __future__ import annotations
+
+import logging
+
+from allauth.core.exceptions import ImmediateHttpResponse
+from allauth.socialaccount.adapter import DefaultSocialAccountAdapter
+from allauth.socialaccount.models import SocialLogin
+from allauth.socialaccount.providers.base.constants import AuthError
+from django.http import HttpRequest
+from django.shortcuts import render
+from django.utils.translation import gettext as _
+
+from mailgov.capabilities import get_capability
+from mailgov.contrib.allauth.consent import capture_grant, consent_in_state
+from mailgov.exceptions import MailgovConfigurationError, MailgovError
+
+security_logger = logging.getLogger("mailgov.security")
+
+
+def consent_error(request: HttpRequest, message: str, status: int = 400):
+    response = render(request, "mailgov/consent_error.html", {"message": message}, status=status)
+    response["Cache-Control"] = "no-store"
+    response["Referrer-Policy"] = "no-referrer"
+    return ImmediateHttpResponse(response)
+
+
+class MailgovSocialAccountAdapter(DefaultSocialAccountAdapter):
+    def pre_social_login(self, request: HttpRequest, sociallogin: SocialLogin) -> None:
+        """Capture a mailgov grant's tokens into the vault, before allauth
+        connects the account. Nothing reaches allauth's SocialToken."""
+        super().pre_social_login(request, sociallogin)
+        consent = consent_in_state(sociallogin)
+        if consent is None:
+            return
+        capability = get_capability(consent.get("capability", ""))
+        if (
+            capability is None
+            or sociallogin.state.get("process") != "connect"
+            or not request.user.is_authenticated
+        ):
+            security_logger.warning("consent callback without a signed-in connect flow")
+            raise consent_error(
+                request, _("This consent could not be completed. Nothing was stored.")
+            )
+        if sociallogin.is_existing and sociallogin.user.pk != request.user.pk:
+            raise consent_error(
+                request,
+                _(
+                    "This account is already connected to another user here, so it cannot be "
+                    "connected to yours. Nothing was stored."
+                ),
+            )
+        try:
+            capture_grant(request, sociallogin, consent, capability)
+        except (MailgovError, MailgovConfigurationError) as exc:
+            security_logger.warning("consent not stored: %s", type(exc).__name__)
+            raise consent_error(
+                request,
+                _("The access could not be stored: %(reason)s Nothing was stored.")
+                % {"reason": str(exc)},
+            ) from None
+
+    def on_authentication_error(
+        self, request, provider, error=None, exception=None, extra_context=None
+    ):
+        """A clear page for a denied consent, a bad or replayed state, or a
+        provider error; logged without any token or code."""
+        security_logger.warning(
+            "OAuth callback failed (provider %s, error %s, %s)",
+            getattr(provider, "id", "?"),
+            error,
+            type(exception).__name__ if exception else "no exception",
+        )
+        if error == AuthError.CANCELLED:
+            message = _(
+                "You declined the request at your provider. Nothing was stored, and nothing "
+                "changes for you here."
+            )
+        elif extra_context and extra_context.get("state") is None:
+            message = _(
+                "This sign-in link has expired or was already used. Nothing was stored; "
+                "please start again from this site."
+            )
+        else:
+            message = _("Your provider reported an error. Nothing was stored; please try again.")
+        raise consent_error(request, message)

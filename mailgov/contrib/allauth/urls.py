@@ -1,0 +1,18 @@
+"""mailgov's consent URLs, and allauth's callbacks replaced (include before allauth.urls)::
+
+path("accounts/", include("mailgov.contrib.allauth.callback_urls")),
+path("accounts/", include("allauth.urls")),
+path("mailboxes/", include("mailgov.contrib.allauth.urls")),
+"""
+
+from django.urls import path
+
+from mailgov.contrib.allauth import views
+
+app_name = "mailgov"
+urlpatterns = [
+    path("", views.mailboxes, name="mailboxes"),
+    path("protection/", views.protection, name="protection"),
+    path("connect/<str:capability_id>/<str:provider_id>/", views.consent, name="consent"),
+    path("<uuid:pk>/disconnect/", views.disconnect, name="disconnect"),
+]

@@ -1,0 +1,187 @@
+"""End-user pages: consent, my mailboxes, disconnect, how access is protected."""
+
+from __future__ import annotations
+
+import logging
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
+from django.views.decorators.http import require_http_methods, require_POST
+
+from mailgov.capabilities import CAPABILITIES, describe_scope, get_capability
+from mailgov.conf import mailgov_settings
+from mailgov.contrib.allauth.consent import start_consent, write_receipt
+from mailgov.contrib.allauth.limits import limited
+from mailgov.exceptions import MailgovConfigurationError
+from mailgov.models import ConsentReceipt, Mailbox
+from mailgov.providers import get_provider
+from mailgov.services import revoke_mailbox
+
+security_logger = logging.getLogger("mailgov.security")
+
+#: Why a mailbox needs re-consent, in plain words, by reason code and provider type.
+REASONS = {
+    ("invalid_grant", "google"): gettext_lazy(
+        "Google ended this access. This happens when you change your Google password, when "
+        "the access goes unused for six months, when you remove it in your Google account, "
+        "when too many accesses were granted to this application, or, for applications Google "
+        "has not yet verified, after seven days."
+    ),
+    ("invalid_grant", "microsoft"): gettext_lazy(
+        "Microsoft ended this access, usually after 90 days without use or when your "
+        "organisation revoked it."
+    ),
+    ("smtp_auth_disabled", "microsoft"): gettext_lazy(
+        "Your organisation has switched off sending through SMTP for your mailbox. Connecting "
+        "again will not help: ask your Microsoft 365 administrator to enable it."
+    ),
+    ("scope_missing", None): gettext_lazy(
+        "You did not grant permission to send email, so this application cannot send as you."
+    ),
+    ("no_refresh_token", None): gettext_lazy(
+        "Your provider did not grant lasting access. Please connect again."
+    ),
+    ("invalid_grant", None): gettext_lazy("Your provider ended this access. Please connect again."),
+    ("smtp_auth_rejected", None): gettext_lazy(
+        "Your provider refused to let this application sign in to send. Please connect again."
+    ),
+}
+
+
+def reason_text(mailbox: Mailbox) -> str:
+    code = mailbox.revocation_reason.split(":", 1)[0]
+    try:
+        provider_type = get_provider(mailbox.provider).type
+    except MailgovConfigurationError:
+        provider_type = None
+    return str(REASONS.get((code, provider_type)) or REASONS.get((code, None)) or "")
+
+
+def connectable_providers() -> list[str]:
+    return sorted(mailgov_settings.PROVIDERS)
+
+
+@login_required
+def mailboxes(request: HttpRequest) -> HttpResponse:
+    boxes = list(Mailbox.objects.filter(owner=request.user).order_by("address"))
+    rows = []
+    for mailbox in boxes:
+        try:
+            provider = get_provider(mailbox.provider)
+        except MailgovConfigurationError:
+            provider = None
+        capabilities = [
+            capability
+            for capability in CAPABILITIES.values()
+            if provider is not None and mailbox.has_scopes(capability.required_scopes(provider))
+        ]
+        rows.append(
+            {
+                "mailbox": mailbox,
+                "provider_name": provider.name if provider else mailbox.provider,
+                "capabilities": capabilities,
+                "scopes": [describe_scope(scope) for scope in mailbox.scopes],
+                "reason": reason_text(mailbox) if mailbox.status != Mailbox.Status.ACTIVE else "",
+            }
+        )
+    receipts = ConsentReceipt.objects.filter(user=request.user)[:50]
+    return render(
+        request,
+        "mailgov/mailboxes.html",
+        {
+            "rows": rows,
+            "receipts": receipts,
+            "providers": [(pid, get_provider(pid).name) for pid in connectable_providers()],
+            "capabilities": CAPABILITIES.values(),
+        },
+    )
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def consent(request: HttpRequest, capability_id: str, provider_id: str) -> HttpResponse:
+    """GET shows what is asked and why; a CSRF-protected POST starts the flow.
+
+    Scopes come from the registry only: nothing in the query string or the
+    form changes them.
+    """
+    capability = get_capability(capability_id)
+    if capability is None or provider_id not in mailgov_settings.PROVIDERS:
+        raise Http404("No such capability or provider")
+    provider = get_provider(provider_id)
+    if request.method == "POST":
+        return _start(request, capability, provider_id)
+    scopes = capability.scopes_for(provider)
+    return render(
+        request,
+        "mailgov/consent.html",
+        {
+            "capability": capability,
+            "provider": provider,
+            "scopes": [(scope, describe_scope(scope)) for scope in scopes],
+        },
+    )
+
+
+@limited("CONSENT_RATE")
+def _start(request: HttpRequest, capability, provider_id: str) -> HttpResponse:
+    return start_consent(request, capability, provider_id)
+
+
+@login_required
+@require_POST
+@limited("DISCONNECT_RATE")
+def disconnect(request: HttpRequest, pk) -> HttpResponse:
+    """Revoke at the provider where it has an endpoint, wipe the tokens, write a receipt."""
+    mailbox = get_object_or_404(Mailbox, pk=pk, owner=request.user)
+    result = revoke_mailbox(mailbox, "user: disconnected by the owner")
+    for capability in CAPABILITIES.values():
+        write_receipt(
+            request,
+            capability=capability,
+            provider_id=mailbox.provider,
+            action=ConsentReceipt.Action.WITHDRAW,
+            mailbox=mailbox,
+            requested=[],
+            granted=[],
+        )
+    if result.at_provider is False:
+        messages.warning(
+            request,
+            _(
+                "Disconnected. Your provider has no way for us to withdraw the access on its "
+                "side: you can also remove this application in your account's security settings."
+            ),
+        )
+    elif result.at_provider is None:
+        messages.warning(
+            request,
+            _(
+                "Disconnected here. Your provider could not be reached to withdraw the access; "
+                "we will try again. Nothing can be sent meanwhile."
+            ),
+        )
+    else:
+        messages.success(request, _("Disconnected. The access was withdrawn at your provider."))
+    return redirect("mailgov:mailboxes")
+
+
+def protection(request: HttpRequest) -> HttpResponse:
+    """How we protect your mailbox access (public)."""
+    return render(request, "mailgov/protection.html")
+
+
+def ratelimited(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """``RATELIMIT_VIEW``: a 429 page and a security log line."""
+    security_logger.warning(
+        "rate limit hit on %s (user %s)",
+        request.path.replace("\n", " ")[:200],
+        getattr(request.user, "pk", None),
+    )
+    response = render(request, "mailgov/ratelimited.html", status=429)
+    response["Retry-After"] = "60"
+    return response

@@ -8,6 +8,7 @@ process with its own database, the SMTP server in a thread of this process
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from collections.abc import Callable, Iterator
 
@@ -20,10 +21,17 @@ from mailgov.providers.oidc import clear_discovery_cache
 from mailgov.services import connect_mailbox_from_code
 from mailgov.testing.ca import TLSFiles, ensure_tls_files
 from mailgov.testing.oauth import authorize
-from mailgov.testing.peers import AuthServer, start_authserver
+from mailgov.testing.peers import AuthServer, free_port, start_authserver
 from mailgov.testing.smtpserver import Faults, SubmissionServer
 
 REDIRECT_URI = "http://127.0.0.1:8000/demo/oauth/callback/"
+
+# The live server's address is fixed before the session starts, so that the
+# demo authorization server can register its allauth callback as a redirect URI.
+if not os.environ.get("DJANGO_LIVE_TEST_SERVER_ADDRESS"):
+    os.environ["DJANGO_LIVE_TEST_SERVER_ADDRESS"] = f"127.0.0.1:{free_port()}"
+LIVE_SERVER_URL = f"http://{os.environ['DJANGO_LIVE_TEST_SERVER_ADDRESS']}"
+ALLAUTH_CALLBACK = f"{LIVE_SERVER_URL}/accounts/oidc/demo/login/callback/"
 SEND_SCOPE = "mail.send"
 SCOPES = ["openid", "email", "profile", SEND_SCOPE]
 
@@ -43,7 +51,7 @@ def tls_files(tmp_path_factory) -> TLSFiles:
 @pytest.fixture(scope="session")
 def authserver(tmp_path_factory) -> Iterator[AuthServer]:
     with start_authserver(
-        tmp_path_factory.mktemp("authserver"), redirect_uris=[REDIRECT_URI]
+        tmp_path_factory.mktemp("authserver"), redirect_uris=[REDIRECT_URI, ALLAUTH_CALLBACK]
     ) as server:
         yield server
 
@@ -91,6 +99,28 @@ def demo_provider(settings, authserver, smtp_server, tls_files) -> dict:
     settings.MAILGOV_PROVIDERS = {"demo": config}
     clear_discovery_cache()
     return config
+
+
+@pytest.fixture
+def allauth_demo(settings, authserver, demo_provider) -> dict:
+    """allauth's demo OpenID Connect app, pointed at the running authorization server."""
+    app = {
+        "provider_id": "demo",
+        "name": "Demo identity provider",
+        "client_id": authserver.client_id,
+        "secret": authserver.client_secret,
+        "settings": {
+            "server_url": authserver.url,
+            "oauth_pkce_enabled": True,
+            "token_auth_method": "client_secret_post",
+            "scope": ["openid", "email", "profile"],
+        },
+    }
+    settings.SOCIALACCOUNT_PROVIDERS = {
+        **settings.SOCIALACCOUNT_PROVIDERS,
+        "openid_connect": {"OAUTH_PKCE_ENABLED": True, "APPS": [app]},
+    }
+    return app
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ def callback_view(view):
     @limited("CALLBACK_RATE")
     def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         response = view(request, *args, **kwargs)
-        response["Cache-Control"] = "no-store"
+        # never_cache adds Cache-Control: no-store (and more) on the way out.
         response["Referrer-Policy"] = "no-referrer"
         return response
 

@@ -42,6 +42,13 @@ DEFAULTS: dict[str, Any] = {
     # django-ratelimit rates of the consent pages, each applied per user and
     # per IP address: starting a consent, the provider's callback, disconnect.
     "CONSENT_RATE": "10/m",
+    # Telling an owner that a mailbox needs re-consent: the backend to send
+    # with (None: EMAIL_BACKEND; with mailgov's backend, NOTIFICATION_FROM
+    # must then be a connected system mailbox), the sender (None:
+    # DEFAULT_FROM_EMAIL) and the site's address for links (None: relative).
+    "NOTIFICATION_BACKEND": None,
+    "NOTIFICATION_FROM": None,
+    "SITE_URL": None,
     "CALLBACK_RATE": "20/m",
     "DISCONNECT_RATE": "10/m",
 }

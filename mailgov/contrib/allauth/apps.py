@@ -10,4 +10,9 @@ class MailgovAllauthConfig(AppConfig):
     verbose_name = _("Mail governance: consent")
 
     def ready(self) -> None:
-        from mailgov.contrib.allauth import checks  # noqa: F401  (registers checks)
+        from mailgov.contrib.allauth import checks, receivers  # noqa: F401  (registers checks)
+        from mailgov.signals import mailbox_needs_reconsent
+
+        mailbox_needs_reconsent.connect(
+            receivers.notify_owner, dispatch_uid="mailgov.contrib.allauth.notify_owner"
+        )

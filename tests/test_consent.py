@@ -4,18 +4,26 @@ rate limits, error pages, notifications, and the integration's checks."""
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from allauth.socialaccount.models import SocialApp
+from allauth.account.models import EmailAddress
+from allauth.core.exceptions import ImmediateHttpResponse
+from allauth.socialaccount.models import SocialAccount, SocialApp, SocialLogin, SocialToken
 from django.core import mail
 from django.core.checks import run_checks
 from django.test import Client, TestCase, override_settings
+from django.utils import timezone
 
 from mailgov.capabilities import SEND_MAIL, describe_scope
-from mailgov.contrib.allauth.consent import truncated_ip
+from mailgov.contrib.allauth.adapter import MailgovSocialAccountAdapter
+from mailgov.contrib.allauth.consent import capture_grant, consent_in_state, truncated_ip
 from mailgov.models import Mailbox
-from mailgov.services import mark_needs_reconsent
+from mailgov.providers import MicrosoftProvider, TokenResponse
+from mailgov.services import connect_mailbox, mark_needs_reconsent
+from tests.conftest import secrets_of
+from tests.stubs import StubReply, token_endpoint_stub
 
 pytestmark = pytest.mark.django_db
 
@@ -127,3 +135,94 @@ def test_integration_checks():
     SocialApp.objects.create(provider="google", name="Google", client_id="c", secret="s3cr3t")
     ids = [m.id for m in run_checks(databases=["default"])]
     assert "mailgov.W010" in ids
+
+
+def _sociallogin(user, provider, token, refresh, scopes, email="alice@contoso.example"):
+    login = SocialLogin(
+        user=user,
+        account=SocialAccount(provider=provider, uid="uid-1"),
+        email_addresses=[EmailAddress(email=email, verified=True, primary=True)],
+    )
+    login.token = SocialToken(
+        token=token, token_secret=refresh, expires_at=timezone.now() + timedelta(hours=1)
+    )
+    login.token.mailgov_granted_scopes = scopes
+    login.state = {
+        "process": "connect",
+        "data": {
+            "mailgov": {
+                "capability": "send_mail",
+                "provider": provider,
+                "version": 1,
+                "scopes": ["openid", "email", "offline_access", "User.Read"],
+            }
+        },
+    }
+    return login
+
+
+def test_microsoft_grant_is_redeemed_for_the_smtp_audience(rf, site_user, settings, monkeypatch):
+    """The flow's token is for Graph; the SMTP token comes from the refresh token."""
+    settings.MAILGOV_PROVIDERS = {"microsoft": {"client_id": "cid", "client_secret": "s"}}
+    documented = {
+        "token_type": "Bearer",
+        "scope": "https://outlook.office.com/SMTP.Send",
+        "expires_in": 4503,
+        "access_token": "eyJ-smtp-audience",
+        "refresh_token": "M.C105-rotated",
+    }
+    request = rf.get("/")
+    request.user = site_user("alice")
+    login = _sociallogin(
+        None, "microsoft", "eyJ-graph-audience", "M.C105-first", ["openid", "User.Read"]
+    )
+    with token_endpoint_stub(StubReply(200, documented)) as stub:
+        monkeypatch.setattr(MicrosoftProvider, "token_endpoint", stub.url)
+        mailbox = capture_grant(request, login, consent_in_state(login), SEND_MAIL)
+    assert stub.requests[0]["refresh_token"] == ["M.C105-first"]
+    assert stub.requests[0]["scope"] == ["https://outlook.office.com/SMTP.Send offline_access"]
+    assert mailbox.status == Mailbox.Status.ACTIVE
+    assert "https://outlook.office.com/SMTP.Send" in mailbox.scopes
+    assert secrets_of(mailbox) == ["eyJ-smtp-audience", "M.C105-rotated"]
+
+
+def test_an_account_of_another_user_is_not_captured(rf, site_user, settings):
+    settings.MAILGOV_PROVIDERS = {"google": {"client_id": "cid"}}
+    request = rf.get("/")
+    request.user = site_user("alice")
+    login = _sociallogin(site_user("bob"), "google", "ya29.x", "1//x", ["https://mail.google.com/"])
+    request.session = {}
+    with pytest.raises(ImmediateHttpResponse) as info:
+        MailgovSocialAccountAdapter().pre_social_login(request, login)
+    assert info.value.response.status_code == 400
+    assert "another user" in info.value.response.content.decode()
+    assert Mailbox.objects.count() == 0
+
+
+def test_reconsent_without_a_refresh_token_keeps_the_stored_one(site_user, settings):
+    settings.MAILGOV_PROVIDERS = {"google": {"client_id": "cid"}}
+    scopes = ["https://mail.google.com/"]
+    first = TokenResponse("ya29.first", "1//kept", 3599, scopes)
+    again = TokenResponse("ya29.second", None, 3599, scopes)  # Google's re-consent
+    options = {"provider_id": "google", "address": "a@gmail.example", "requested_scopes": scopes}
+    connect_mailbox(owner=site_user("alice"), response=first, **options)
+    mailbox = connect_mailbox(owner=site_user("alice"), response=again, **options)
+    assert secrets_of(mailbox) == ["ya29.second", "1//kept"]
+    assert mailbox.status == Mailbox.Status.ACTIVE
+
+
+@pytest.mark.parametrize(
+    ("setting", "request_args"),
+    [
+        ("MAILGOV_DISCONNECT_RATE", ("post", "/mailboxes/{pk}/disconnect/")),
+        ("MAILGOV_CALLBACK_RATE", ("get", "/accounts/oidc/demo/login/callback/?state=x&code=y")),
+    ],
+)
+def test_disconnect_and_callback_are_rate_limited(client, alice, connect, setting, request_args):
+    mailbox = connect("alice")
+    method, path = request_args
+    with override_settings(**{setting: "1/m"}):
+        first = getattr(client, method)(path.format(pk=mailbox.pk))
+        second = getattr(client, method)(path.format(pk=mailbox.pk))
+    assert first.status_code != 429
+    assert second.status_code == 429

@@ -57,8 +57,15 @@ def authserver(tmp_path_factory) -> Iterator[AuthServer]:
 
 
 @pytest.fixture(scope="session")
-def smtp_server(authserver, tls_files) -> Iterator[SubmissionServer]:
+def maildir(tmp_path_factory):
+    """Where the SMTP server delivers, as the demo's does (its inbox page reads it)."""
+    return tmp_path_factory.mktemp("maildir") / "inbox"
+
+
+@pytest.fixture(scope="session")
+def smtp_server(authserver, tls_files, maildir) -> Iterator[SubmissionServer]:
     server = SubmissionServer(
+        maildir=maildir,
         tls=tls_files,
         introspection_url=authserver.metadata()["introspection_endpoint"],
         introspection_client=(authserver.smtp_client_id, authserver.smtp_client_secret),

@@ -19,7 +19,7 @@ from django.utils import timezone
 from mailgov.capabilities import SEND_MAIL, describe_scope
 from mailgov.contrib.allauth.adapter import MailgovSocialAccountAdapter
 from mailgov.contrib.allauth.consent import capture_grant, consent_in_state, truncated_ip
-from mailgov.models import Mailbox
+from mailgov.models import ConsentReceipt, Mailbox
 from mailgov.providers import MicrosoftProvider, TokenResponse
 from mailgov.services import connect_mailbox, mark_needs_reconsent
 from tests.conftest import secrets_of
@@ -226,3 +226,39 @@ def test_disconnect_and_callback_are_rate_limited(client, alice, connect, settin
         second = getattr(client, method)(path.format(pk=mailbox.pk))
     assert first.status_code != 429
     assert second.status_code == 429
+
+
+def test_provider_error_on_return_stores_nothing(client, alice):
+    started = client.post(CONSENT)
+    state = parse_qs(urlsplit(started["Location"]).query)["state"][0]
+    response = client.get(
+        "/accounts/oidc/demo/login/callback/", {"error": "server_error", "state": state}
+    )
+    assert response.status_code == 400
+    assert "Your provider reported an error" in response.content.decode()
+    assert Mailbox.objects.count() == 0
+
+
+def test_users_see_only_their_own_receipts(client, alice, site_user, settings):
+    settings.MAILGOV_PROVIDERS = {**settings.MAILGOV_PROVIDERS, "google": {"client_id": "c"}}
+    scopes = ["https://mail.google.com/"]
+    for user, address in ((alice, "alice@gmail.example"), (site_user("bob"), "bob@gmail.example")):
+        mailbox = connect_mailbox(
+            owner=user,
+            provider_id="google",
+            response=TokenResponse("a", "r", 3600, scopes),
+            address=address,
+            requested_scopes=scopes,
+        )
+        ConsentReceipt.objects.create(
+            user=user,
+            mailbox=mailbox,
+            provider="google",
+            address=address,
+            capability="send_mail",
+            action="grant",
+            explanation_version=1,
+        )
+    page = client.get("/mailboxes/").content.decode()
+    assert "alice@gmail.example" in page
+    assert "bob@gmail.example" not in page

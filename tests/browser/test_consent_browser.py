@@ -20,8 +20,9 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 
 @pytest.fixture
-def site(live_server, allauth_demo, smtp, settings):
+def site(live_server, allauth_demo, smtp, settings, maildir):
     settings.EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
+    settings.DEMO_MAILDIR = maildir
     return live_server.url
 
 
@@ -56,6 +57,10 @@ def test_sign_in_consent_send_and_disconnect(page, site, authserver, smtp):
     )
     sign_in(page, site, authserver)
     assert Mailbox.objects.count() == 0  # sign-in alone asks for no mail access
+    sign_in_request = next(url for url in requests_seen if "/o/authorize/" in url)
+    params = parse_qs(urlsplit(sign_in_request).query)
+    assert params["code_challenge_method"] == ["S256"]
+    assert sorted(params["scope"][0].split()) == ["email", "openid", "profile"]
 
     open_consent(page, site)
     authorize = [url for url in requests_seen if "/o/authorize/" in url][-1]
@@ -82,11 +87,17 @@ def test_sign_in_consent_send_and_disconnect(page, site, authserver, smtp):
     assert receipt.ip_address == "127.0.0.0"
     assert "mail.send" in receipt.scopes_granted
 
-    assert send_mail("From the browser test", "x", "alice@example.test", ["bob@example.test"]) == 1
+    # Send from the site, then read it in the demo inbox.
+    page.goto(f"{site}/")
+    page.get_by_role("button", name="Send a test message").click()
+    page.wait_for_url(f"{site}/demo/inbox/")
+    assert "A test message from the mailgov demo" in page.content()
+    assert "XOAUTH2" in page.content()
     [received] = smtp.messages
     assert received.auth_user == "alice@example.test"
 
     _, refresh = secrets_of(mailbox)
+    page.goto(f"{site}/mailboxes/")
     page.get_by_role("button", name="Disconnect").click()
     page.wait_for_url(f"{site}/mailboxes/")
     assert "withdrawn at your provider" in page.content()

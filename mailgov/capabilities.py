@@ -39,6 +39,11 @@ SCOPE_DESCRIPTIONS: dict[str, Promise] = {
     ),
     "https://outlook.office.com/SMTP.Send": _("Send email as you through Microsoft 365."),
     "mail.send": _("Send email as you."),
+    "https://www.googleapis.com/auth/userinfo.email": _("See your email address."),
+    "https://www.googleapis.com/auth/userinfo.profile": _("See your name and profile picture."),
+    "https://graph.microsoft.com/User.Read": _(
+        "See your basic Microsoft profile (name and email address)."
+    ),
 }
 
 

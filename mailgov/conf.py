@@ -49,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
     "NOTIFICATION_BACKEND": None,
     "NOTIFICATION_FROM": None,
     "SITE_URL": None,
+    # Where users report a problem (shown on the protection page).
+    "SECURITY_CONTACT": None,
     "CALLBACK_RATE": "20/m",
     "DISCONNECT_RATE": "10/m",
 }

@@ -288,6 +288,33 @@ def revoke_mailbox(mailbox: Mailbox, reason: str) -> RevocationResult:
     return result
 
 
+def retry_revocations() -> dict[str, int]:
+    """Retry the provider-side revocation of revoked mailboxes that still hold
+    a refresh token (the provider was unreachable at the time).
+
+    Returns counts: ``revoked`` (confirmed, token wiped), ``pending`` (still
+    unreachable, token kept), ``refused`` (the provider refused; token wiped,
+    as there is nothing more to do).
+    """
+    counts = {"revoked": 0, "pending": 0, "refused": 0}
+    pending = MailboxCredentials.objects.filter(
+        mailbox__status=Mailbox.Status.REVOKED, refresh_token__isnull=False
+    ).select_related("mailbox")
+    for credentials in pending.iterator(chunk_size=100):
+        provider = get_provider(credentials.mailbox.provider)
+        try:
+            provider.revoke(credentials.refresh_token)
+            outcome = "revoked"
+        except ProviderUnavailableError:
+            counts["pending"] += 1
+            continue
+        except ProviderError:
+            outcome = "refused"
+        MailboxCredentials.objects.filter(pk=credentials.pk).update(refresh_token=None)
+        counts[outcome] += 1
+    return counts
+
+
 # -- key rotation ---------------------------------------------------------------
 @dataclass
 class RotationResult:

@@ -165,6 +165,9 @@ SOCIALACCOUNT_LOGIN_ON_GET = False
 SOCIALACCOUNT_EMAIL_AUTHENTICATION = True
 SOCIALACCOUNT_EMAIL_AUTHENTICATION_AUTO_CONNECT = True
 ACCOUNT_EMAIL_VERIFICATION = "none"
+ACCOUNT_ADAPTER = "project.demo.adapters.DemoAccountAdapter"
+# Behind a proxy, set RATELIMIT_IP_META_KEY so that rate limits and consent
+# receipts see the client's address, not the proxy's.
 RATELIMIT_VIEW = "mailgov.contrib.allauth.views.ratelimited"
 IDENTITY_SCOPES = ["openid", "email", "profile"]
 
@@ -217,4 +220,9 @@ for _provider_id, _allauth_id in (("google", "google"), ("microsoft", "microsoft
         MAILGOV_PROVIDERS[_provider_id] = {
             "client_id": _app_config["client_id"],
             "client_secret": _app_config["secret"],
+            **({"tenant": "organizations"} if _provider_id == "microsoft" else {}),
         }
+# The demo's owner notices go to the console: its only SMTP server accepts
+# mail from connected mailboxes, and there is no system mailbox.
+MAILGOV_NOTIFICATION_BACKEND = "django.core.mail.backends.console.EmailBackend"
+MAILGOV_SECURITY_CONTACT = "security@example.test"

@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Callable, Iterator
 
 import pytest
+from django.core.cache import cache
 
 from mailgov.crypto import reset_keyring
 from mailgov.models import Mailbox, MailboxCredentials
@@ -34,6 +35,14 @@ LIVE_SERVER_URL = f"http://{os.environ['DJANGO_LIVE_TEST_SERVER_ADDRESS']}"
 ALLAUTH_CALLBACK = f"{LIVE_SERVER_URL}/accounts/oidc/demo/login/callback/"
 SEND_SCOPE = "mail.send"
 SCOPES = ["openid", "email", "profile", SEND_SCOPE]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """Rate-limit counters live in the cache: each test starts with none."""
+    cache.clear()
+    yield
+    cache.clear()
 
 
 @pytest.fixture(autouse=True)

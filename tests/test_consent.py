@@ -14,10 +14,12 @@ from allauth.socialaccount.models import SocialAccount, SocialApp, SocialLogin, 
 from django.core import mail
 from django.core.checks import run_checks
 from django.test import Client, TestCase, override_settings
+from django.urls import clear_url_caches
 from django.utils import timezone
 
 from mailgov.capabilities import SEND_MAIL, describe_scope
 from mailgov.contrib.allauth.adapter import MailgovSocialAccountAdapter
+from mailgov.contrib.allauth.callbacks import GoogleAdapter
 from mailgov.contrib.allauth.consent import capture_grant, consent_in_state, truncated_ip
 from mailgov.models import ConsentReceipt, Mailbox
 from mailgov.providers import MicrosoftProvider, TokenResponse
@@ -47,10 +49,16 @@ def test_get_shows_the_explanation_and_starts_nothing(client, alice):
     assert not client.session.get("socialaccount_states")
 
 
+def start(client, path=CONSENT, **data):
+    return client.post(path, {"version": str(SEND_MAIL.version), **data})
+
+
 def test_post_starts_the_flow_with_the_registry_scopes_only(client, alice, authserver):
-    response = client.post(
+    response = start(
+        client,
         CONSENT + "?scope=admin&auth_params=prompt%3Dnone%26access_type%3Donline",
-        {"scope": "admin", "auth_params": "x=y"},
+        scope="admin",
+        auth_params="x=y",
     )
     assert response.status_code == 302
     location = urlsplit(response["Location"])
@@ -63,7 +71,7 @@ def test_post_starts_the_flow_with_the_registry_scopes_only(client, alice, auths
 
 
 def test_consent_needs_a_signed_in_user(client, allauth_demo):
-    response = client.post(CONSENT)
+    response = start(client)
     assert response.status_code == 302
     assert "/accounts/login/" in response["Location"]
 
@@ -76,16 +84,17 @@ def test_unknown_capability_or_provider_is_404(client, alice):
 def test_consent_post_needs_csrf(alice):
     strict = Client(enforce_csrf_checks=True)
     strict.force_login(alice)
-    assert strict.post(CONSENT).status_code == 403
+    assert strict.post(CONSENT, {"version": "1"}).status_code == 403
 
 
 def test_rate_limit_gives_429_and_a_log_line(client, alice, caplog):
     caplog.set_level(logging.WARNING, logger="mailgov.security")
     with override_settings(MAILGOV_CONSENT_RATE="2/m"):
-        statuses = [client.post(CONSENT).status_code for _ in range(4)]
-    assert statuses[:2] == [302, 302]
-    assert statuses[2:] == [429, 429]
-    assert "rate limit hit on /mailboxes/connect/send_mail/demo/" in caplog.text
+        responses = [start(client) for _ in range(4)]
+    assert [r.status_code for r in responses] == [302, 302, 429, 429]
+    assert "no-store" in responses[-1]["Cache-Control"]
+    assert responses[-1]["Referrer-Policy"] == "no-referrer"
+    assert "rate limit hit on '/mailboxes/connect/send_mail/demo/'" in caplog.text
 
 
 def test_callback_with_an_unknown_state_is_a_clear_page(client, alice, caplog):
@@ -93,16 +102,19 @@ def test_callback_with_an_unknown_state_is_a_clear_page(client, alice, caplog):
     response = client.get(
         "/accounts/oidc/demo/login/callback/", {"code": "stolen-code", "state": "forged"}
     )
-    assert response.status_code == 400
-    assert "expired or was already used" in response.content.decode()
+    # Away from the URL with the code, at once; never cached, never referred.
+    assert response.status_code == 302
+    assert response["Location"] == "/mailboxes/not-connected/"
     assert "no-store" in response["Cache-Control"]
     assert response["Referrer-Policy"] == "no-referrer"
+    page = client.get(response["Location"])
+    assert page.status_code == 400
+    assert "expired or was already used" in page.content.decode()
     assert Mailbox.objects.count() == 0
-    assert "stolen-code" not in caplog.text
 
 
 def test_owner_told_once_with_a_banner(client, alice, connect, settings):
-    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    settings.MAILGOV_NOTIFICATION_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
     mailbox = connect("alice")
     mail.outbox.clear()
     with django_capture_on_commit():
@@ -140,7 +152,12 @@ def test_integration_checks():
 def _sociallogin(user, provider, token, refresh, scopes, email="alice@contoso.example"):
     login = SocialLogin(
         user=user,
-        account=SocialAccount(provider=provider, uid="uid-1"),
+        account=SocialAccount(
+            provider=provider,
+            uid="uid-1",
+            # Graph's /me: Microsoft marks no address verified.
+            extra_data={"mail": email, "userPrincipalName": email},
+        ),
         email_addresses=[EmailAddress(email=email, verified=True, primary=True)],
     )
     login.token = SocialToken(
@@ -148,7 +165,7 @@ def _sociallogin(user, provider, token, refresh, scopes, email="alice@contoso.ex
     )
     login.token.mailgov_granted_scopes = scopes
     login.state = {
-        "process": "connect",
+        "process": "redirect",
         "data": {
             "mailgov": {
                 "capability": "send_mail",
@@ -194,8 +211,9 @@ def test_an_account_of_another_user_is_not_captured(rf, site_user, settings):
     request.session = {}
     with pytest.raises(ImmediateHttpResponse) as info:
         MailgovSocialAccountAdapter().pre_social_login(request, login)
-    assert info.value.response.status_code == 400
-    assert "another user" in info.value.response.content.decode()
+    assert info.value.response["Location"] == "/mailboxes/not-connected/"
+    assert "another user" in request.session["mailgov_consent_error"]
+    assert login.token is None  # never left for allauth to serialize
     assert Mailbox.objects.count() == 0
 
 
@@ -229,10 +247,12 @@ def test_disconnect_and_callback_are_rate_limited(client, alice, connect, settin
 
 
 def test_provider_error_on_return_stores_nothing(client, alice):
-    started = client.post(CONSENT)
+    started = start(client)
     state = parse_qs(urlsplit(started["Location"]).query)["state"][0]
     response = client.get(
-        "/accounts/oidc/demo/login/callback/", {"error": "server_error", "state": state}
+        "/accounts/oidc/demo/login/callback/",
+        {"error": "server_error", "state": state},
+        follow=True,
     )
     assert response.status_code == 400
     assert "Your provider reported an error" in response.content.decode()
@@ -262,3 +282,78 @@ def test_users_see_only_their_own_receipts(client, alice, site_user, settings):
     page = client.get("/mailboxes/").content.decode()
     assert "alice@gmail.example" in page
     assert "bob@gmail.example" not in page
+
+
+def test_allauth_login_ignores_scopes_from_the_query_string(client, allauth_demo, authserver):
+    response = client.post(
+        "/accounts/oidc/demo/login/?process=login&scope=mail.send"
+        "&auth_params=redirect_uri%3Dhttps%3A%2F%2Fevil.example%2Fcb%26prompt%3Dnone"
+    )
+    assert response.status_code == 302
+    params = parse_qs(urlsplit(response["Location"]).query)
+    assert sorted(params["scope"][0].split()) == ["email", "openid", "profile"]
+    assert params["redirect_uri"] == ["http://testserver/accounts/oidc/demo/login/callback/"]
+    assert "prompt" not in params
+    assert params["code_challenge_method"] == ["S256"]
+
+
+def test_a_stale_explanation_version_starts_nothing(client, alice):
+    response = client.post(CONSENT, {"version": "0"})
+    assert response.status_code == 302
+    assert response["Location"] == CONSENT
+    assert not client.session.get("socialaccount_states")
+
+
+def test_a_state_from_another_session_is_refused(client, alice, site_user):
+    state = parse_qs(urlsplit(start(client)["Location"]).query)["state"][0]
+    other = Client()
+    other.force_login(site_user("bob"))
+    response = other.get(
+        "/accounts/oidc/demo/login/callback/", {"code": "c", "state": state}, follow=True
+    )
+    assert "expired or was already used" in response.content.decode()
+    assert Mailbox.objects.count() == 0
+
+
+def test_disconnecting_another_users_mailbox_is_404(client, alice, connect):
+    bobs = connect("bob")
+    assert client.post(f"/mailboxes/{bobs.pk}/disconnect/").status_code == 404
+    bobs.refresh_from_db()
+    assert bobs.status == Mailbox.Status.ACTIVE
+
+
+def test_disconnect_receipts_name_what_was_withdrawn(client, alice, connect):
+    mailbox = connect("alice")
+    client.post(f"/mailboxes/{mailbox.pk}/disconnect/")
+    client.post(f"/mailboxes/{mailbox.pk}/disconnect/")  # again: nothing more to withdraw
+    [receipt] = ConsentReceipt.objects.filter(action="withdraw")
+    assert receipt.capability == "send_mail"
+    assert "mail.send" in receipt.scopes_granted
+    page = client.get("/mailboxes/").content.decode()
+    assert "nothing yet" in page  # a revoked mailbox may do nothing
+
+
+def test_a_partial_mailbox_withdraws_no_capability(client, alice, connect):
+    mailbox = connect("alice", scopes=["openid", "email"])
+    client.post(f"/mailboxes/{mailbox.pk}/disconnect/")
+    assert ConsentReceipt.objects.filter(action="withdraw").count() == 0
+
+
+@pytest.mark.parametrize("expires_in", ["soon", -1, None])
+def test_nonsense_expires_in_does_not_break_the_callback(expires_in):
+    adapter = GoogleAdapter.__new__(GoogleAdapter)
+    data = {"access_token": "a", "refresh_token": "r", "scope": "openid email"}
+    if expires_in is not None:
+        data["expires_in"] = expires_in
+    token = adapter.parse_token(data)
+    assert token.expires_at is None
+    assert token.mailgov_granted_scopes == ["openid", "email"]
+
+
+def test_callback_order_check(settings):
+    settings.ROOT_URLCONF = "tests.urls_allauth_first"
+    clear_url_caches()
+    try:
+        assert "mailgov.E032" in [m.id for m in run_checks()]
+    finally:
+        clear_url_caches()

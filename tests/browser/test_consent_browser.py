@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
-from allauth.socialaccount.models import SocialToken
+from allauth.socialaccount.models import SocialAccount, SocialToken
 from django.core.mail import send_mail
 
 from mailgov.exceptions import MailboxUnavailableError
@@ -62,6 +62,7 @@ def test_sign_in_consent_send_and_disconnect(page, site, authserver, smtp):
     assert params["code_challenge_method"] == ["S256"]
     assert sorted(params["scope"][0].split()) == ["email", "openid", "profile"]
 
+    links = SocialAccount.objects.count()  # the sign-in's own link
     open_consent(page, site)
     authorize = [url for url in requests_seen if "/o/authorize/" in url][-1]
     params = parse_qs(urlsplit(authorize).query)
@@ -82,6 +83,8 @@ def test_sign_in_consent_send_and_disconnect(page, site, authserver, smtp):
     assert mailbox.status == Mailbox.Status.ACTIVE
     assert "mail.send" in mailbox.scopes
     assert SocialToken.objects.count() == 0  # tokens live in the vault only
+    assert SocialAccount.objects.count() == links  # a grant is no way to sign in
+    assert "Connected: this application can now send as you" in page.content()
     receipt = ConsentReceipt.objects.get()
     assert (receipt.action, receipt.explanation_version) == ("grant", 1)
     assert receipt.ip_address == "127.0.0.0"

@@ -7,20 +7,27 @@ import logging
 from allauth.core.exceptions import ImmediateHttpResponse
 from allauth.socialaccount.adapter import DefaultSocialAccountAdapter
 from allauth.socialaccount.models import SocialLogin
-from allauth.socialaccount.providers.base.constants import AuthError
+from allauth.socialaccount.providers.base.constants import AuthError, AuthProcess
+from django.contrib import messages
 from django.http import HttpRequest
-from django.shortcuts import render
+from django.shortcuts import redirect
 from django.utils.translation import gettext as _
 
 from mailgov.capabilities import get_capability
 from mailgov.contrib.allauth.consent import capture_grant, consent_in_state
-from mailgov.exceptions import MailgovConfigurationError, MailgovError
+from mailgov.exceptions import MailboxUnavailableError, MailgovConfigurationError, MailgovError
+from mailgov.models import Mailbox
 
 security_logger = logging.getLogger("mailgov.security")
 
 
-def consent_error(request: HttpRequest, message: str, status: int = 400):
-    response = render(request, "mailgov/consent_error.html", {"message": message}, status=status)
+ERROR_SESSION_KEY = "mailgov_consent_error"
+
+
+def consent_error(request: HttpRequest, message: str) -> ImmediateHttpResponse:
+    """Leave the callback URL (it may carry a code) for a clean error page."""
+    request.session[ERROR_SESSION_KEY] = str(message)
+    response = redirect("mailgov:consent_error")
     response["Cache-Control"] = "no-store"
     response["Referrer-Policy"] = "no-referrer"
     return ImmediateHttpResponse(response)
@@ -31,13 +38,24 @@ class MailgovSocialAccountAdapter(DefaultSocialAccountAdapter):
         """Capture a mailgov grant's tokens into the vault, before allauth
         connects the account. Nothing reaches allauth's SocialToken."""
         super().pre_social_login(request, sociallogin)
+        try:
+            self._capture(request, sociallogin)
+        finally:
+            # With SOCIALACCOUNT_STORE_TOKENS off nothing later needs the
+            # token, and allauth would otherwise serialize it into the session
+            # (pending sign-up, re-authentication) or hand it to receivers.
+            sociallogin.token = None
+
+    def _capture(self, request: HttpRequest, sociallogin: SocialLogin) -> None:
         consent = consent_in_state(sociallogin)
         if consent is None:
             return
         capability = get_capability(consent.get("capability", ""))
         if (
             capability is None
-            or sociallogin.state.get("process") != "connect"
+            # "redirect": the grant never links the provider account to the
+            # user for sign-in (a shared mailbox must not become a way in).
+            or sociallogin.state.get("process") != AuthProcess.REDIRECT
             or not request.user.is_authenticated
         ):
             security_logger.warning("consent callback without a signed-in connect flow")
@@ -53,14 +71,23 @@ class MailgovSocialAccountAdapter(DefaultSocialAccountAdapter):
                 ),
             )
         try:
-            capture_grant(request, sociallogin, consent, capability)
+            mailbox = capture_grant(request, sociallogin, consent, capability)
+        except MailboxUnavailableError:
+            raise consent_error(
+                request,
+                _("This address is already connected by another account here. Nothing was stored."),
+            ) from None
         except (MailgovError, MailgovConfigurationError) as exc:
             security_logger.warning("consent not stored: %s", type(exc).__name__)
             raise consent_error(
                 request,
-                _("The access could not be stored: %(reason)s Nothing was stored.")
-                % {"reason": str(exc)},
+                _(
+                    "Your provider's answer could not be used (for example, it did not "
+                    "confirm your email address). Nothing was stored."
+                ),
             ) from None
+        if mailbox.status == Mailbox.Status.ACTIVE:
+            messages.success(request, _("Connected: this application can now send as you."))
 
     def on_authentication_error(
         self, request, provider, error=None, exception=None, extra_context=None

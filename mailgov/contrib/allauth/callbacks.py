@@ -19,15 +19,42 @@ from allauth.socialaccount.providers.google.views import GoogleOAuth2Adapter
 from allauth.socialaccount.providers.microsoft.views import MicrosoftGraphOAuth2Adapter
 from allauth.socialaccount.providers.oauth2.views import OAuth2CallbackView
 from allauth.socialaccount.providers.openid_connect.views import OpenIDConnectOAuth2Adapter
+from allauth.utils import get_request_param
 from django.contrib.auth.decorators import login_not_required
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.cache import never_cache
 
 from mailgov.contrib.allauth.limits import limited
+from mailgov.providers.base import parse_expires_in
+
+#: Query parameters through which allauth would let a request widen itself.
+WIDENING_PARAMETERS = ("scope", "auth_params")
+
+
+def server_decides_scopes(view):
+    """Drop ``scope`` and ``auth_params`` from the request before allauth sees it."""
+
+    @wraps(view)
+    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        for name in ("GET", "POST"):
+            params = getattr(request, name)
+            if any(key in params for key in WIDENING_PARAMETERS):
+                params = params.copy()
+                for key in WIDENING_PARAMETERS:
+                    params.pop(key, None)
+                setattr(request, name, params)
+        return view(request, *args, **kwargs)
+
+    return wrapped
 
 
 class KeepGrantedScopes:
     def parse_token(self, data: dict[str, Any]):
+        # allauth would int() a nonsense expires_in and fail with a 500 while
+        # the code is still in the URL; mailgov reads it as "short-lived".
+        data = {**data, "expires_in": parse_expires_in(data.get("expires_in"))}
+        if data["expires_in"] is None:
+            data.pop("expires_in")
         token = super().parse_token(data)
         scope = data.get("scope")
         if isinstance(scope, str):
@@ -44,7 +71,19 @@ class GoogleAdapter(KeepGrantedScopes, GoogleOAuth2Adapter):
 
 
 class MicrosoftAdapter(KeepGrantedScopes, MicrosoftGraphOAuth2Adapter):
-    pass
+    def get_access_token_data(self, request, app, client, pkce_code_verifier=None):
+        # allauth joins the scopes through a set, so their order (and with it
+        # the audience of the token Microsoft issues for the code) is random;
+        # ask for Graph explicitly, since allauth reads the profile from it.
+        # The SMTP-audience token comes from the refresh token afterwards.
+        code = get_request_param(self.request, "code")
+        data = client.get_access_token(
+            code,
+            pkce_code_verifier=pkce_code_verifier,
+            extra_data={"scope": "openid email offline_access User.Read"},
+        )
+        self.did_fetch_access_token = True
+        return data
 
 
 class OpenIDConnectAdapter(KeepGrantedScopes, OpenIDConnectOAuth2Adapter):

@@ -8,13 +8,14 @@ from typing import Any
 
 from allauth.socialaccount.adapter import get_adapter
 from allauth.socialaccount.models import SocialLogin
+from allauth.socialaccount.providers.base.constants import AuthProcess
 from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
 from mailgov.capabilities import Capability
-from mailgov.exceptions import MailgovError
+from mailgov.exceptions import MailgovError, TokenRefreshError
 from mailgov.models import ConsentReceipt, Mailbox
 from mailgov.providers import Provider, TokenResponse, get_provider
 from mailgov.services import connect_mailbox
@@ -39,6 +40,7 @@ def write_receipt(
     request: HttpRequest,
     *,
     capability: Capability,
+    version: int | None = None,
     provider_id: str,
     action: str,
     mailbox: Mailbox | None,
@@ -55,7 +57,7 @@ def write_receipt(
         action=action,
         scopes_requested=list(requested or []),
         scopes_granted=list(granted or []),
-        explanation_version=capability.version,
+        explanation_version=version if version is not None else capability.version,
         created_at=timezone.now(),
         ip_address=truncated_ip(request),
         user_agent=request.META.get("HTTP_USER_AGENT", "")[:300],
@@ -78,7 +80,9 @@ def start_consent(request: HttpRequest, capability: Capability, provider_id: str
     }
     return allauth_provider.redirect(
         request,
-        "connect",
+        # Not "connect": a grant of mail access must not link the provider
+        # account to the user as a way to sign in.
+        AuthProcess.REDIRECT,
         next_url=reverse("mailgov:mailboxes"),
         data=data,
         scope=scopes,
@@ -113,17 +117,37 @@ def token_response_from(sociallogin: SocialLogin, provider: Provider) -> TokenRe
         scopes=getattr(token, "mailgov_granted_scopes", None),
     )
     if provider.refresh_scopes and response.refresh_token:
-        smtp = provider.refresh(response.refresh_token)
+        identity = set(response.scopes or [])
+        try:
+            smtp = provider.refresh(response.refresh_token)
+        except TokenRefreshError as exc:
+            if exc.retryable:
+                raise
+            # SMTP.Send was not granted (a partial grant): keep the refresh
+            # token without the capability, and never the Graph token as an
+            # SMTP token.
+            return TokenResponse("", response.refresh_token, None, sorted(identity))
+        granted = smtp.scopes if smtp.scopes is not None else list(provider.refresh_scopes)
         return TokenResponse(
             access_token=smtp.access_token,
             refresh_token=smtp.refresh_token or response.refresh_token,
             expires_in=smtp.expires_in,
-            scopes=sorted(set(smtp.scopes or []) | set(response.scopes or [])),
+            scopes=sorted(set(granted) | identity),
         )
     return response
 
 
-def verified_address(sociallogin: SocialLogin) -> str | None:
+def verified_address(sociallogin: SocialLogin, provider: Provider) -> str | None:
+    """The address to bind the mailbox to.
+
+    Microsoft marks no address verified (allauth has no claim to read); its
+    Graph ``mail`` (else the user principal name) is used to bind the mailbox
+    only, never to sign anyone in, and the SMTP server checks that the token
+    belongs to that mailbox at every login anyway.
+    """
+    if provider.type == "microsoft":
+        data = sociallogin.account.extra_data or {}
+        return data.get("mail") or data.get("userPrincipalName")
     for email in sociallogin.email_addresses:
         if email.verified and (email.primary or len(sociallogin.email_addresses) == 1):
             return email.email
@@ -144,7 +168,7 @@ def capture_grant(
     """
     provider_id = consent["provider"]
     provider = get_provider(provider_id)
-    address = verified_address(sociallogin)
+    address = verified_address(sociallogin, provider)
     if not address:
         raise MailgovError("The provider did not confirm an email address for this account.")
     response = token_response_from(sociallogin, provider)
@@ -161,6 +185,7 @@ def capture_grant(
         capability=capability,
         provider_id=provider_id,
         action=ConsentReceipt.Action.GRANT if granted else ConsentReceipt.Action.PARTIAL,
+        version=consent.get("version"),
         mailbox=mailbox,
         requested=consent.get("scopes") or [],
         granted=mailbox.scopes,

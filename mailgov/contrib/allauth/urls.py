@@ -1,6 +1,6 @@
 """mailgov's consent URLs, and allauth's callbacks replaced (include before allauth.urls)::
 
-path("accounts/", include("mailgov.contrib.allauth.callback_urls")),
+path("accounts/", include("mailgov.contrib.allauth.oauth_urls")),
 path("accounts/", include("allauth.urls")),
 path("mailboxes/", include("mailgov.contrib.allauth.urls")),
 """
@@ -13,6 +13,7 @@ app_name = "mailgov"
 urlpatterns = [
     path("", views.mailboxes, name="mailboxes"),
     path("protection/", views.protection, name="protection"),
+    path("not-connected/", views.consent_error, name="consent_error"),
     path("connect/<str:capability_id>/<str:provider_id>/", views.consent, name="consent"),
     path("<uuid:pk>/disconnect/", views.disconnect, name="disconnect"),
 ]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 
+from allauth.socialaccount.adapter import get_adapter
+from allauth.socialaccount.models import SocialApp
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ImproperlyConfigured
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.translation import gettext as _
@@ -13,6 +16,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from mailgov.capabilities import CAPABILITIES, describe_scope, get_capability
 from mailgov.conf import mailgov_settings
+from mailgov.contrib.allauth.adapter import ERROR_SESSION_KEY
 from mailgov.contrib.allauth.consent import start_consent, write_receipt
 from mailgov.contrib.allauth.limits import limited
 from mailgov.contrib.allauth.reasons import reason_text
@@ -22,6 +26,17 @@ from mailgov.providers import get_provider
 from mailgov.services import revoke_mailbox
 
 security_logger = logging.getLogger("mailgov.security")
+
+
+def held_capabilities(mailbox: Mailbox, provider) -> list:
+    """What an active mailbox may do; nothing for any other status."""
+    if provider is None or mailbox.status != Mailbox.Status.ACTIVE:
+        return []
+    return [
+        capability
+        for capability in CAPABILITIES.values()
+        if mailbox.has_scopes(capability.required_scopes(provider))
+    ]
 
 
 def connectable_providers() -> list[str]:
@@ -37,11 +52,7 @@ def mailboxes(request: HttpRequest) -> HttpResponse:
             provider = get_provider(mailbox.provider)
         except MailgovConfigurationError:
             provider = None
-        capabilities = [
-            capability
-            for capability in CAPABILITIES.values()
-            if provider is not None and mailbox.has_scopes(capability.required_scopes(provider))
-        ]
+        capabilities = held_capabilities(mailbox, provider)
         rows.append(
             {
                 "mailbox": mailbox,
@@ -75,8 +86,17 @@ def consent(request: HttpRequest, capability_id: str, provider_id: str) -> HttpR
     capability = get_capability(capability_id)
     if capability is None or provider_id not in mailgov_settings.PROVIDERS:
         raise Http404("No such capability or provider")
+    try:
+        get_adapter().get_provider(request, provider_id)
+    except (SocialApp.DoesNotExist, ImproperlyConfigured):
+        raise Http404("This provider is not set up for sign-in here") from None
     provider = get_provider(provider_id)
     if request.method == "POST":
+        if request.POST.get("version") != str(capability.version):
+            # The page the user read is not the explanation in force: show
+            # the current one rather than record consent to the wrong text.
+            messages.warning(request, _("The explanation has changed; please read it again."))
+            return redirect(request.path)
         return _start(request, capability, provider_id)
     scopes = capability.scopes_for(provider)
     return render(
@@ -101,8 +121,13 @@ def _start(request: HttpRequest, capability, provider_id: str) -> HttpResponse:
 def disconnect(request: HttpRequest, pk) -> HttpResponse:
     """Revoke at the provider where it has an endpoint, wipe the tokens, write a receipt."""
     mailbox = get_object_or_404(Mailbox, pk=pk, owner=request.user)
+    if mailbox.status == Mailbox.Status.REVOKED:
+        messages.info(request, _("This mailbox is already disconnected."))
+        return redirect("mailgov:mailboxes")
+    withdrawn = list(mailbox.scopes)
+    held = held_capabilities(mailbox, get_provider(mailbox.provider))
     result = revoke_mailbox(mailbox, "user: disconnected by the owner")
-    for capability in CAPABILITIES.values():
+    for capability in held:
         write_receipt(
             request,
             capability=capability,
@@ -110,7 +135,7 @@ def disconnect(request: HttpRequest, pk) -> HttpResponse:
             action=ConsentReceipt.Action.WITHDRAW,
             mailbox=mailbox,
             requested=[],
-            granted=[],
+            granted=withdrawn,
         )
     if result.at_provider is False:
         messages.warning(
@@ -125,7 +150,7 @@ def disconnect(request: HttpRequest, pk) -> HttpResponse:
             request,
             _(
                 "Disconnected here. Your provider could not be reached to withdraw the access; "
-                "we will try again. Nothing can be sent meanwhile."
+                "the withdrawal is pending and will be retried. Nothing can be sent meanwhile."
             ),
         )
     else:
@@ -135,16 +160,34 @@ def disconnect(request: HttpRequest, pk) -> HttpResponse:
 
 def protection(request: HttpRequest) -> HttpResponse:
     """How we protect your mailbox access (public)."""
-    return render(request, "mailgov/protection.html")
+    return render(
+        request,
+        "mailgov/protection.html",
+        {"security_contact": mailgov_settings.SECURITY_CONTACT},
+    )
 
 
 def ratelimited(request: HttpRequest, exception: Exception) -> HttpResponse:
-    """``RATELIMIT_VIEW``: a 429 page and a security log line."""
+    """``RATELIMIT_VIEW``: a 429 page and a security log line.
+
+    It may answer at a callback URL that carries a code: never cached, never
+    referred.
+    """
     security_logger.warning(
-        "rate limit hit on %s (user %s)",
-        request.path.replace("\n", " ")[:200],
-        getattr(request.user, "pk", None),
+        "rate limit hit on %r (user %s)", request.path[:200], getattr(request.user, "pk", None)
     )
     response = render(request, "mailgov/ratelimited.html", status=429)
     response["Retry-After"] = "60"
+    response["Cache-Control"] = "no-store"
+    response["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+def consent_error(request: HttpRequest) -> HttpResponse:
+    """Where a failed consent lands, on a URL without code or state."""
+    message = request.session.pop(ERROR_SESSION_KEY, None) or _(
+        "This consent could not be completed. Nothing was stored."
+    )
+    response = render(request, "mailgov/consent_error.html", {"message": message}, status=400)
+    response["Cache-Control"] = "no-store"
     return response

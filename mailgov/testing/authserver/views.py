@@ -51,8 +51,8 @@ class ConsentView(AuthorizationView):
     """The consent page: application name, each scope in plain words, Allow/Deny.
 
     The template gets ``scope_items``, a list of ``(scope, description)`` pairs,
-    so that per-scope checkboxes can be added without touching this view's
-    callers; today every requested scope travels in the hidden ``scope`` field.
+    each shown with a checkbox: the user may untick single scopes, as Google's
+    granular consent allows (see :meth:`post`).
     """
 
     template_name = "authserver/authorize.html"
@@ -70,12 +70,16 @@ class ConsentView(AuthorizationView):
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         # Granular consent: grant only the scopes left ticked, and never one
-        # that was not requested.
+        # the client did not request (read from the authorization request in
+        # the URL, not from the user-editable form). Nothing ticked is a deny.
         if request.POST.get("scope_choices") == "1":
-            requested = request.POST.get("scope", "").split()
+            requested = request.GET.get("scope", request.POST.get("scope", "")).split()
             ticked = set(request.POST.getlist("granted_scope"))
             data = request.POST.copy()
-            data["scope"] = " ".join(scope for scope in requested if scope in ticked)
+            granted = [scope for scope in requested if scope in ticked]
+            data["scope"] = " ".join(granted)
+            if not granted:
+                data.pop("allow", None)
             request.POST = data
         return super().post(request, *args, **kwargs)
 

@@ -18,7 +18,7 @@ from django.utils import timezone
 from mailgov.backends.smtp import xoauth2_initial_response
 from mailgov.exceptions import MailboxUnavailableError
 from mailgov.models import Mailbox, MailboxCredentials, SendLog
-from mailgov.providers import OIDCProvider
+from mailgov.providers import OIDCProvider, get_provider
 from mailgov.services import revoke_mailbox
 from tests.conftest import secrets_of
 from tests.stubs import StubReply, token_endpoint_stub
@@ -137,3 +137,26 @@ def test_revoke_with_the_provider_down_keeps_the_refresh_token_only(
     assert credentials.refresh_token == refresh  # kept, encrypted, for the retry
     with pytest.raises(MailboxUnavailableError):
         send_mail("x", "x", "alice@example.test", ["z@x.test"], fail_silently=True)
+
+
+def test_pending_revocations_are_retried(connect, smtp, authserver, monkeypatch):
+    mailbox = connect("alice")
+    _, refresh = secrets_of(mailbox)
+    with token_endpoint_stub(StubReply(503, {})) as stub:
+        monkeypatch.setattr(OIDCProvider, "revocation_endpoint", property(lambda self: stub.url))
+        assert revoke_mailbox(mailbox, "user: disconnected").at_provider is None
+        out = io.StringIO()
+        call_command("mailgov_retry_revocations", stdout=out)
+        assert "still pending: 1" in out.getvalue()
+    monkeypatch.undo()  # the provider is back
+    out = io.StringIO()
+    call_command("mailgov_retry_revocations", stdout=out)
+    assert "revoked: 1" in out.getvalue()
+    assert MailboxCredentials.objects.get(pk=mailbox.pk).refresh_token is None
+    answer = requests.post(
+        get_provider("demo").introspection_endpoint,
+        data={"token": refresh},
+        auth=(authserver.smtp_client_id, authserver.smtp_client_secret),
+        timeout=10,
+    )
+    assert answer.json()["active"] is False

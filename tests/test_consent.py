@@ -26,6 +26,7 @@ from mailgov.providers import MicrosoftProvider, TokenResponse
 from mailgov.services import connect_mailbox, mark_needs_reconsent
 from tests.conftest import secrets_of
 from tests.stubs import StubReply, token_endpoint_stub
+from tests.test_tokens import refresh_tokens_issued
 
 pytestmark = pytest.mark.django_db
 
@@ -97,8 +98,9 @@ def test_rate_limit_gives_429_and_a_log_line(client, alice, caplog):
     assert "rate limit hit on '/mailboxes/connect/send_mail/demo/'" in caplog.text
 
 
-def test_callback_with_an_unknown_state_is_a_clear_page(client, alice, caplog):
+def test_callback_with_an_unknown_state_is_a_clear_page(client, alice, caplog, authserver):
     caplog.set_level(logging.WARNING, logger="mailgov.security")
+    issued = refresh_tokens_issued(authserver, "alice")
     response = client.get(
         "/accounts/oidc/demo/login/callback/", {"code": "stolen-code", "state": "forged"}
     )
@@ -111,6 +113,7 @@ def test_callback_with_an_unknown_state_is_a_clear_page(client, alice, caplog):
     assert page.status_code == 400
     assert "expired or was already used" in page.content.decode()
     assert Mailbox.objects.count() == 0
+    assert refresh_tokens_issued(authserver, "alice") == issued  # no code was redeemed
 
 
 def test_owner_told_once_with_a_banner(client, alice, connect, settings):

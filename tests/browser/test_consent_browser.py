@@ -15,6 +15,7 @@ from django.core.mail import send_mail
 from mailgov.exceptions import MailboxUnavailableError
 from mailgov.models import ConsentReceipt, Mailbox
 from tests.conftest import secrets_of
+from tests.test_tokens import refresh_tokens_issued
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -128,7 +129,10 @@ def test_partial_grant_keeps_the_mailbox_without_sending(page, site, authserver,
     mailbox = Mailbox.objects.get()
     assert mailbox.status == Mailbox.Status.NEEDS_RECONSENT
     assert "mail.send" not in mailbox.scopes
-    assert ConsentReceipt.objects.get().action == "partial"
+    receipt = ConsentReceipt.objects.get()
+    assert receipt.action == "partial"
+    assert "mail.send" in receipt.scopes_requested
+    assert "mail.send" not in receipt.scopes_granted
     with pytest.raises(MailboxUnavailableError):
         send_mail("x", "x", "alice@example.test", ["z@x.test"])
     assert smtp.connections == 0
@@ -156,6 +160,9 @@ def test_replayed_callback_is_refused(page, site, authserver):
     page.click("button[name=allow]")
     page.wait_for_url(f"{site}/mailboxes/")
     assert Mailbox.objects.count() == 1
+    issued = refresh_tokens_issued(authserver, "alice")
     page.goto(callback_urls[-1])
     assert "expired or was already used" in page.content()
+    assert "code=" not in page.url  # left the callback URL at once
     assert ConsentReceipt.objects.count() == 1
+    assert refresh_tokens_issued(authserver, "alice") == issued  # the code was not redeemed again

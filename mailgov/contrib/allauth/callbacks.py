@@ -45,6 +45,7 @@ def server_decides_scopes(view):
                 setattr(request, name, params)
         return view(request, *args, **kwargs)
 
+    wrapped.mailgov_route = True
     return wrapped
 
 
@@ -103,6 +104,7 @@ def callback_view(view):
         response["Referrer-Policy"] = "no-referrer"
         return response
 
+    wrapped.mailgov_route = True
     return wrapped
 
 

@@ -37,19 +37,28 @@ def check_allauth_settings(app_configs: Any = None, **kwargs: Any) -> list[check
                 id=WRONG_ADAPTER,
             )
         )
-    try:
-        path = reverse("openid_connect_callback", kwargs={"provider_id": "any"})
-        view = resolve(path).func
-    except NoReverseMatch:
-        view = None
-    if view is not None and not getattr(view, "__module__", "").startswith("mailgov."):
-        messages.append(
-            checks.Error(
-                "allauth's OAuth2 callbacks are not mailgov's: the granted scopes would be lost.",
-                hint="Include mailgov.contrib.allauth.urls before allauth.urls.",
-                id=CALLBACK_NOT_OURS,
+    for name, kwargs in (
+        ("openid_connect_callback", {"provider_id": "any"}),
+        ("openid_connect_login", {"provider_id": "any"}),
+        ("google_callback", {}),
+        ("google_login", {}),
+        ("microsoft_callback", {}),
+        ("microsoft_login", {}),
+    ):
+        try:
+            view = resolve(reverse(name, kwargs=kwargs)).func
+        except NoReverseMatch:
+            continue  # that provider is not installed
+        if not getattr(view, "mailgov_route", False):
+            messages.append(
+                checks.Error(
+                    f"allauth's {name!r} route is not mailgov's: granted scopes would be lost "
+                    "and the query string could widen a request.",
+                    hint="Include mailgov.contrib.allauth.oauth_urls before allauth.urls.",
+                    id=CALLBACK_NOT_OURS,
+                )
             )
-        )
+            break
     return messages
 
 

@@ -15,9 +15,10 @@ def mailbox_alerts(request: HttpRequest) -> dict:
         if user is None or not user.is_authenticated:
             return []
         return list(
-            Mailbox.objects.filter(owner=user, status=Mailbox.Status.NEEDS_RECONSENT).only(
-                "id", "address", "provider", "revocation_reason", "status"
-            )
+            Mailbox.objects.filter(
+                owner=user,
+                status__in=[Mailbox.Status.NEEDS_RECONSENT, Mailbox.Status.SUSPENDED],
+            ).only("id", "address", "provider", "revocation_reason", "status")
         )
 
     return {"mailgov_alerts": SimpleLazyObject(alerts)}

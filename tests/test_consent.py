@@ -20,7 +20,12 @@ from django.utils import timezone
 from mailgov.capabilities import SEND_MAIL, describe_scope
 from mailgov.contrib.allauth.adapter import MailgovSocialAccountAdapter
 from mailgov.contrib.allauth.callbacks import GoogleAdapter
-from mailgov.contrib.allauth.consent import capture_grant, consent_in_state, truncated_ip
+from mailgov.contrib.allauth.consent import (
+    capture_grant,
+    consent_in_state,
+    truncated_ip,
+    verified_address,
+)
 from mailgov.models import ConsentReceipt, Mailbox
 from mailgov.providers import MicrosoftProvider, TokenResponse
 from mailgov.services import connect_mailbox, mark_needs_reconsent
@@ -211,6 +216,9 @@ def test_an_account_of_another_user_is_not_captured(rf, site_user, settings):
     request = rf.get("/")
     request.user = site_user("alice")
     login = _sociallogin(site_user("bob"), "google", "ya29.x", "1//x", ["https://mail.google.com/"])
+    # The provider account is linked to bob for sign-in.
+    login.account.user = site_user("bob")
+    login.account.save()
     request.session = {}
     with pytest.raises(ImmediateHttpResponse) as info:
         MailgovSocialAccountAdapter().pre_social_login(request, login)
@@ -360,3 +368,72 @@ def test_callback_order_check(settings):
         assert "mailgov.E032" in [m.id for m in run_checks()]
     finally:
         clear_url_caches()
+
+
+def test_sign_in_by_email_only_to_verified_local_addresses(site_user):
+    victim = site_user("victim")  # User.email set, no verified EmailAddress row
+    login = _sociallogin(None, "demo", "t", "r", ["openid"], email="victim@example.test")
+    adapter = MailgovSocialAccountAdapter()
+    adapter.can_authenticate_by_email = lambda sociallogin, email: True  # per-provider setting
+    assert adapter.authenticate_by_email(login) is None
+    EmailAddress.objects.create(user=victim, email="victim@example.test", verified=True)
+    assert adapter.authenticate_by_email(login) == (victim, "victim@example.test")
+
+
+@pytest.mark.parametrize(
+    ("mail", "upn", "expected"),
+    [
+        ("alice@contoso.example", "alice@contoso.example", "alice@contoso.example"),
+        ("Alice.Smith@contoso.example", "asmith@contoso.example", "Alice.Smith@contoso.example"),
+        ("ceo@victim.example", "mallory@evil.example", "mallory@evil.example"),
+        (None, "bob@contoso.example", "bob@contoso.example"),
+    ],
+)
+def test_microsoft_address_stays_in_the_tenants_verified_domain(mail, upn, expected):
+    login = _sociallogin(None, "microsoft", "t", "r", [])
+    login.account.extra_data = {"mail": mail, "userPrincipalName": upn}
+    assert verified_address(login, MicrosoftProvider("microsoft", {"client_id": "c"})) == expected
+
+
+def test_disconnecting_a_suspended_mailbox_writes_its_receipt(client, alice, connect):
+    mailbox = connect("alice")
+    ConsentReceipt.objects.create(
+        user=alice,
+        mailbox=mailbox,
+        provider="demo",
+        capability="send_mail",
+        action="grant",
+        explanation_version=1,
+    )
+    Mailbox.objects.filter(pk=mailbox.pk).update(status=Mailbox.Status.SUSPENDED)
+    client.post(f"/mailboxes/{mailbox.pk}/disconnect/")
+    assert ConsentReceipt.objects.filter(action="withdraw", mailbox=mailbox).count() == 1
+
+
+def test_a_failed_sign_in_keeps_allauths_own_page(client, allauth_demo):
+    started = client.post("/accounts/oidc/demo/login/")
+    state = parse_qs(urlsplit(started["Location"]).query)["state"][0]
+    response = client.get(
+        "/accounts/oidc/demo/login/callback/", {"error": "access_denied", "state": state}
+    )
+    # allauth's own "login cancelled" page, not mailgov's consent page.
+    assert response["Location"] == "/accounts/3rdparty/login/cancelled/"
+
+
+def test_unknown_oidc_provider_callback_is_404(client, allauth_demo):
+    assert client.get("/accounts/oidc/nope/login/callback/").status_code == 404
+
+
+class SubclassedAdapter(MailgovSocialAccountAdapter):
+    pass
+
+
+def test_a_subclass_of_the_adapter_passes_the_check(settings):
+    settings.SOCIALACCOUNT_ADAPTER = f"{__name__}.SubclassedAdapter"
+    assert "mailgov.E031" not in [m.id for m in run_checks()]
+
+
+def test_demo_sign_up_forms_are_closed(client):
+    assert client.get("/accounts/signup/").status_code in (200, 302)
+    page = client.get("/accounts/signup/", follow=True).content.decode()
+    assert "Sign Up Closed" in page or "closed" in page.lower()

@@ -11,5 +11,9 @@ class DemoAccountAdapter(DefaultAccountAdapter):
         # No local sign-up: with sign-in by email address on and no email
         # verification in the demo, a local account registered with someone
         # else's address would receive that person's provider sign-in.
-        # Accounts come from the identity provider (or the admin).
-        return not request.path.startswith(reverse("account_signup"))
+        # Accounts come from the identity provider's automatic sign-up (or
+        # the admin); the sign-up forms, where an address can be typed in,
+        # are closed. mailgov's adapter also signs in by email only to
+        # addresses verified here (demo_seed verifies alice's and bob's).
+        closed = (reverse("account_signup"), reverse("socialaccount_signup"))
+        return not request.path.startswith(closed)

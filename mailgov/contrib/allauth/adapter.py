@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from allauth.account.models import EmailAddress
 from allauth.core.exceptions import ImmediateHttpResponse
 from allauth.socialaccount.adapter import DefaultSocialAccountAdapter
 from allauth.socialaccount.models import SocialLogin
@@ -14,7 +15,7 @@ from django.shortcuts import redirect
 from django.utils.translation import gettext as _
 
 from mailgov.capabilities import get_capability
-from mailgov.contrib.allauth.consent import capture_grant, consent_in_state
+from mailgov.contrib.allauth.consent import STATE_KEY, capture_grant, consent_in_state
 from mailgov.exceptions import MailboxUnavailableError, MailgovConfigurationError, MailgovError
 from mailgov.models import Mailbox
 
@@ -62,7 +63,9 @@ class MailgovSocialAccountAdapter(DefaultSocialAccountAdapter):
             raise consent_error(
                 request, _("This consent could not be completed. Nothing was stored.")
             )
-        if sociallogin.is_existing and sociallogin.user.pk != request.user.pk:
+        # Linked to another user for sign-in (not merely sharing an address).
+        account = sociallogin.account
+        if account.pk is not None and account.user_id != request.user.pk:
             raise consent_error(
                 request,
                 _(
@@ -89,6 +92,23 @@ class MailgovSocialAccountAdapter(DefaultSocialAccountAdapter):
         if mailbox.status == Mailbox.Status.ACTIVE:
             messages.success(request, _("Connected: this application can now send as you."))
 
+    def authenticate_by_email(self, sociallogin: SocialLogin):
+        """Sign in by email address only to a local account whose address is
+        verified here: matching an unverified address (allauth falls back to
+        ``User.email``) would hand the provider's sign-in to whoever
+        registered that address first."""
+        for email in [e.email for e in sociallogin.email_addresses if e.verified]:
+            if not self.can_authenticate_by_email(sociallogin, email):
+                continue
+            address = (
+                EmailAddress.objects.filter(email__iexact=email, verified=True)
+                .select_related("user")
+                .first()
+            )
+            if address is not None and address.user.is_active:
+                return address.user, email
+        return None
+
     def on_authentication_error(
         self, request, provider, error=None, exception=None, extra_context=None
     ):
@@ -100,6 +120,11 @@ class MailgovSocialAccountAdapter(DefaultSocialAccountAdapter):
             error,
             type(exception).__name__ if exception else "no exception",
         )
+        state = (extra_context or {}).get("state")
+        if state is not None and not (
+            isinstance(state.get("data"), dict) and STATE_KEY in state["data"]
+        ):
+            return  # a sign-in flow: allauth's own pages
         if error == AuthError.CANCELLED:
             message = _(
                 "You declined the request at your provider. Nothing was stored, and nothing "
@@ -107,8 +132,8 @@ class MailgovSocialAccountAdapter(DefaultSocialAccountAdapter):
             )
         elif extra_context and extra_context.get("state") is None:
             message = _(
-                "This sign-in link has expired or was already used. Nothing was stored; "
-                "please start again from this site."
+                "This sign-in or consent link has expired or was already used. Nothing was "
+                "stored; please start again from this site."
             )
         else:
             message = _("Your provider reported an error. Nothing was stored; please try again.")

@@ -15,13 +15,14 @@ from __future__ import annotations
 from functools import wraps
 from typing import Any
 
+from allauth.socialaccount.models import SocialApp
 from allauth.socialaccount.providers.google.views import GoogleOAuth2Adapter
 from allauth.socialaccount.providers.microsoft.views import MicrosoftGraphOAuth2Adapter
 from allauth.socialaccount.providers.oauth2.views import OAuth2CallbackView
 from allauth.socialaccount.providers.openid_connect.views import OpenIDConnectOAuth2Adapter
 from allauth.utils import get_request_param
 from django.contrib.auth.decorators import login_not_required
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.views.decorators.cache import never_cache
 
 from mailgov.contrib.allauth.limits import limited
@@ -114,5 +115,8 @@ microsoft_callback = callback_view(OAuth2CallbackView.adapter_view(MicrosoftAdap
 
 @callback_view
 def openid_connect_callback(request: HttpRequest, provider_id: str) -> HttpResponse:
-    view = OAuth2CallbackView.adapter_view(OpenIDConnectAdapter(request, provider_id))
-    return view(request)
+    try:
+        view = OAuth2CallbackView.adapter_view(OpenIDConnectAdapter(request, provider_id))
+        return view(request)
+    except SocialApp.DoesNotExist:
+        raise Http404("Unknown provider") from None

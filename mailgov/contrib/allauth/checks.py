@@ -9,6 +9,9 @@ from django.conf import settings
 from django.core import checks
 from django.db import DatabaseError
 from django.urls import NoReverseMatch, resolve, reverse
+from django.utils.module_loading import import_string
+
+from mailgov.contrib.allauth.adapter import MailgovSocialAccountAdapter
 
 SECRET_IN_DATABASE = "mailgov.W010"
 TOKENS_STORED = "mailgov.E030"
@@ -30,10 +33,17 @@ def check_allauth_settings(app_configs: Any = None, **kwargs: Any) -> list[check
                 id=TOKENS_STORED,
             )
         )
-    if getattr(settings, "SOCIALACCOUNT_ADAPTER", None) != ADAPTER:
+    try:
+        adapter_ok = issubclass(
+            import_string(getattr(settings, "SOCIALACCOUNT_ADAPTER", "")),
+            MailgovSocialAccountAdapter,
+        )
+    except ImportError:
+        adapter_ok = False
+    if not adapter_ok:
         messages.append(
             checks.Error(
-                f"SOCIALACCOUNT_ADAPTER must be {ADAPTER!r} (or a subclass set here by name).",
+                f"SOCIALACCOUNT_ADAPTER must be {ADAPTER!r} or a subclass of it.",
                 id=WRONG_ADAPTER,
             )
         )

@@ -22,6 +22,9 @@ from mailgov.services import connect_mailbox
 
 logger = logging.getLogger("mailgov.consent")
 
+#: What a provider answers when a refresh asks for a scope never granted.
+NOT_GRANTED_ERRORS = frozenset({"invalid_grant", "consent_required", "invalid_scope"})
+
 #: The key of mailgov's data in allauth's state.
 STATE_KEY = "mailgov"
 
@@ -116,12 +119,15 @@ def token_response_from(sociallogin: SocialLogin, provider: Provider) -> TokenRe
         expires_in=expires_in,
         scopes=getattr(token, "mailgov_granted_scopes", None),
     )
-    if provider.refresh_scopes and response.refresh_token:
+    if provider.refresh_scopes:
         identity = set(response.scopes or [])
+        if not response.refresh_token:
+            # Never keep the Graph token as the mailbox's (SMTP) token.
+            return TokenResponse("", None, None, sorted(identity))
         try:
             smtp = provider.refresh(response.refresh_token)
         except TokenRefreshError as exc:
-            if exc.retryable:
+            if exc.retryable or exc.error not in NOT_GRANTED_ERRORS:
                 raise
             # SMTP.Send was not granted (a partial grant): keep the refresh
             # token without the capability, and never the Graph token as an
@@ -147,7 +153,14 @@ def verified_address(sociallogin: SocialLogin, provider: Provider) -> str | None
     """
     if provider.type == "microsoft":
         data = sociallogin.account.extra_data or {}
-        return data.get("mail") or data.get("userPrincipalName")
+        upn = data.get("userPrincipalName") or ""
+        mail = data.get("mail") or ""
+        # ``mail`` is an attribute a tenant administrator can set to anything;
+        # the UPN's domain is one the tenant has verified. Take ``mail`` only
+        # within that domain.
+        if mail and upn and mail.rpartition("@")[2].lower() == upn.rpartition("@")[2].lower():
+            return mail
+        return upn or None
     for email in sociallogin.email_addresses:
         if email.verified and (email.primary or len(sociallogin.email_addresses) == 1):
             return email.email

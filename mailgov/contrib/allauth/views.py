@@ -125,9 +125,26 @@ def disconnect(request: HttpRequest, pk) -> HttpResponse:
         messages.info(request, _("This mailbox is already disconnected."))
         return redirect("mailgov:mailboxes")
     withdrawn = list(mailbox.scopes)
-    held = held_capabilities(mailbox, get_provider(mailbox.provider))
-    result = revoke_mailbox(mailbox, "user: disconnected by the owner")
-    for capability in held:
+    # Every capability this mailbox was granted (fully or in part), whatever
+    # its status now: each withdrawal gets its receipt.
+    granted_before = set(
+        ConsentReceipt.objects.filter(
+            mailbox=mailbox,
+            action__in=[ConsentReceipt.Action.GRANT, ConsentReceipt.Action.PARTIAL],
+        ).values_list("capability", flat=True)
+    )
+    try:
+        provider = get_provider(mailbox.provider)
+    except MailgovConfigurationError:
+        provider = None
+    held = {c.id for c in held_capabilities(mailbox, provider)}
+    try:
+        result = revoke_mailbox(mailbox, "user: disconnected by the owner")
+    except MailgovConfigurationError:
+        # The provider is no longer configured: nothing to call; stop here.
+        messages.error(request, _("This mailbox's provider is no longer available here."))
+        return redirect("mailgov:mailboxes")
+    for capability in (c for c in CAPABILITIES.values() if c.id in held | granted_before):
         write_receipt(
             request,
             capability=capability,

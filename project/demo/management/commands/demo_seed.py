@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 
+from allauth.account.models import EmailAddress
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
@@ -29,4 +30,10 @@ class Command(BaseCommand):
             user.is_staff = True  # may use the admin login page and the inbox
             user.set_password(password)
             user.save()
+            # Verified here, so that signing in with the demo identity
+            # provider reaches this account (mailgov signs in by email only
+            # to verified addresses).
+            EmailAddress.objects.update_or_create(
+                user=user, email=email, defaults={"verified": True, "primary": True}
+            )
         self.stdout.write("Demo site users: admin, alice, bob (see the README for passwords).")

@@ -23,7 +23,7 @@ from mailgov.testing.peers import (
     start_authserver,
     start_smtpserver_process,
 )
-from project.demo.management.commands.demo_seed import DEMO_USERS
+from project.demo.users import DEMO_USERS
 from project.localsecrets import secret_from_file
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,7 +18,7 @@ from mailgov.exceptions import MailgovError
 from mailgov.pkce import make_pkce_pair
 from mailgov.services import connect_mailbox_from_code
 from mailgov.testing.oauth import authorize
-from project.demo.management.commands.demo_seed import DEMO_USERS
+from project.demo.users import DEMO_USERS
 
 SCOPES = ["openid", "email", "profile", "mail.send"]
 

@@ -6,10 +6,7 @@ from allauth.account.models import EmailAddress
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
-DEMO_USERS = {
-    "alice": ("alice@example.test", "alice-demo-password"),
-    "bob": ("bob@example.test", "bob-demo-password"),
-}
+from project.demo.users import DEMO_USERS
 
 
 class Command(BaseCommand):

@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Callable, Iterator
 
 import pytest
+import requests
 from django.core.cache import cache
 
 from mailgov.crypto import reset_keyring
@@ -182,6 +183,18 @@ def connect(authserver, demo_provider, site_user) -> Callable[..., Mailbox]:
         )
 
     return make
+
+
+def token_active(authserver: AuthServer, token: str) -> bool:
+    """Whether the authorization server's introspection endpoint says ``token`` is active."""
+    answer = requests.post(
+        authserver.metadata()["introspection_endpoint"],
+        data={"token": token},
+        auth=(authserver.smtp_client_id, authserver.smtp_client_secret),
+        timeout=10,
+    )
+    answer.raise_for_status()
+    return answer.json()["active"] is True
 
 
 def secrets_of(mailbox: Mailbox) -> list[str]:

@@ -94,7 +94,8 @@ def smtp(smtp_server) -> Iterator[SubmissionServer]:
     smtp_server.faults = Faults()
 
 
-def provider_config(authserver: AuthServer, smtp_server: SubmissionServer, tls: TLSFiles) -> dict:
+def provider_config(authserver: AuthServer, smtp_port: int, tls: TLSFiles) -> dict:
+    """mailgov's ``demo`` provider, pointed at the running peers."""
     return {
         "type": "oidc",
         "name": "Demo identity provider",
@@ -103,7 +104,7 @@ def provider_config(authserver: AuthServer, smtp_server: SubmissionServer, tls: 
         "client_secret": authserver.client_secret,
         "send_scopes": [SEND_SCOPE],
         "smtp_host": "127.0.0.1",
-        "smtp_port": smtp_server.port,
+        "smtp_port": smtp_port,
         "smtp_security": "starttls",
         "ca_bundle": str(tls.ca_cert),
     }
@@ -112,7 +113,7 @@ def provider_config(authserver: AuthServer, smtp_server: SubmissionServer, tls: 
 @pytest.fixture
 def demo_provider(settings, authserver, smtp_server, tls_files) -> dict:
     """Point mailgov's ``demo`` provider at the running peers."""
-    config = provider_config(authserver, smtp_server, tls_files)
+    config = provider_config(authserver, smtp_server.port, tls_files)
     settings.MAILGOV_PROVIDERS = {"demo": config}
     clear_discovery_cache()
     return config
@@ -151,6 +152,33 @@ def site_user(django_user_model) -> Callable[[str], object]:
     return make
 
 
+def connect_through_flow(
+    authserver: AuthServer, owner, username: str, scopes: list[str]
+) -> Mailbox:
+    """Sign ``username`` in at the authorization server, consent to ``scopes``
+    with PKCE, and let mailgov redeem the code for ``owner``."""
+    verifier, challenge = make_pkce_pair()
+    result = authorize(
+        authserver.url,
+        client_id=authserver.client_id,
+        redirect_uri=REDIRECT_URI,
+        scopes=scopes,
+        username=username,
+        password=authserver.users[username].password,
+        code_challenge=challenge,
+        state=secrets.token_urlsafe(16),
+    )
+    assert result.code, result.error
+    return connect_mailbox_from_code(
+        owner=owner,
+        provider_id="demo",
+        code=result.code,
+        code_verifier=verifier,
+        redirect_uri=REDIRECT_URI,
+        requested_scopes=scopes,
+    )
+
+
 @pytest.fixture
 def connect(authserver, demo_provider, site_user) -> Callable[..., Mailbox]:
     """Connect a mailbox through the real authorization-code flow with PKCE.
@@ -160,27 +188,7 @@ def connect(authserver, demo_provider, site_user) -> Callable[..., Mailbox]:
     """
 
     def make(username: str = "alice", scopes: list[str] | None = None) -> Mailbox:
-        scopes = scopes or SCOPES
-        verifier, challenge = make_pkce_pair()
-        result = authorize(
-            authserver.url,
-            client_id=authserver.client_id,
-            redirect_uri=REDIRECT_URI,
-            scopes=scopes,
-            username=username,
-            password=authserver.users[username].password,
-            code_challenge=challenge,
-            state=secrets.token_urlsafe(16),
-        )
-        assert result.code, result.error
-        return connect_mailbox_from_code(
-            owner=site_user(username),
-            provider_id="demo",
-            code=result.code,
-            code_verifier=verifier,
-            redirect_uri=REDIRECT_URI,
-            requested_scopes=scopes,
-        )
+        return connect_through_flow(authserver, site_user(username), username, scopes or SCOPES)
 
     return make
 

@@ -50,12 +50,9 @@ def bench_send(messages: int, batch: int, rounds: int) -> None:
     from django.core.mail.backends.smtp import EmailBackend as StockBackend
 
     from mailgov.backends.smtp import EmailBackend as MailgovBackend
-    from mailgov.pkce import make_pkce_pair
-    from mailgov.services import connect_mailbox_from_code
     from mailgov.testing.ca import ensure_tls_files
-    from mailgov.testing.oauth import authorize
     from mailgov.testing.peers import free_port, start_authserver, start_smtpserver_process
-    from tests.conftest import REDIRECT_URI, SCOPES
+    from tests.conftest import REDIRECT_URI, SCOPES, connect_through_flow, provider_config
 
     work = Path(tempfile.mkdtemp(prefix="mailgov-bench-"))
     tls = ensure_tls_files(work / "tls")
@@ -75,37 +72,9 @@ def bench_send(messages: int, batch: int, rounds: int) -> None:
             cwd=ROOT,
         )
         try:
-            settings.MAILGOV_PROVIDERS = {
-                "demo": {
-                    "type": "oidc",
-                    "server_url": authserver.url,
-                    "client_id": authserver.client_id,
-                    "client_secret": authserver.client_secret,
-                    "send_scopes": ["mail.send"],
-                    "smtp_host": "127.0.0.1",
-                    "smtp_port": port,
-                    "ca_bundle": str(tls.ca_cert),
-                }
-            }
+            settings.MAILGOV_PROVIDERS = {"demo": provider_config(authserver, port, tls)}
             owner, _ = get_user_model().objects.get_or_create(username="alice")
-            verifier, challenge = make_pkce_pair()
-            grant = authorize(
-                authserver.url,
-                client_id=authserver.client_id,
-                redirect_uri=REDIRECT_URI,
-                scopes=SCOPES,
-                username="alice",
-                password=authserver.users["alice"].password,
-                code_challenge=challenge,
-            )
-            connect_mailbox_from_code(
-                owner=owner,
-                provider_id="demo",
-                code=grant.code,
-                code_verifier=verifier,
-                redirect_uri=REDIRECT_URI,
-                requested_scopes=SCOPES,
-            )
+            connect_through_flow(authserver, owner, "alice", SCOPES)
 
             def stock_backend():
                 backend = StockBackend(
@@ -147,15 +116,6 @@ def bench_send(messages: int, batch: int, rounds: int) -> None:
             for _ in range(rounds):
                 stock.append(run(stock_backend, "bench@example.test"))
                 ours.append(run(MailgovBackend, "alice@example.test"))
-            if os.environ.get("MAILGOV_BENCH_PROFILE"):
-                import cProfile
-
-                cProfile.runctx(
-                    "run(MailgovBackend, 'alice@example.test')",
-                    globals(),
-                    locals(),
-                    sort="cumtime",
-                )
             best_stock, best_ours = max(stock), max(ours)
             print(f"send: {messages} messages in batches of {batch}, best of {rounds} rounds")
             print(f"  stock SMTP backend (password): {best_stock:8.0f} messages/s")

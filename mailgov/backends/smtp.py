@@ -6,9 +6,10 @@ constructor), authenticated with XOAUTH2 over verified TLS only.
 
 Order of work in :meth:`EmailBackend.send_messages`, and why:
 
-1. Every message is checked and serialized first (header injection, address
-   syntax, recipient counts): a bad message raises before any network I/O,
-   and nothing of the batch is sent.
+1. Every message is checked and serialized first
+   (:func:`mailgov.validation.prepare_message`: header injection in any MIME
+   part, address syntax, recipient counts): a bad message raises before any
+   network I/O, and nothing of the batch is sent.
 2. Mailboxes are resolved in one query; a sender that is unknown, inactive or
    lacks the send scope raises (configuration errors are never hidden by
    ``fail_silently``).
@@ -29,19 +30,13 @@ from __future__ import annotations
 
 import base64
 import logging
-import re
 import smtplib
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
-from email.errors import MessageError
-from email.header import decode_header
-from email.utils import make_msgid
 from typing import Any
 
-from django.conf import settings
 from django.core.mail.backends import smtp
-from django.core.mail.message import EmailMessage, sanitize_address
+from django.core.mail.message import EmailMessage
 from django.core.mail.utils import DNS_NAME
 from django.db import DatabaseError, transaction
 from django.db.models.functions import Lower
@@ -64,174 +59,9 @@ from mailgov.providers import Provider, get_provider
 from mailgov.services import mark_needs_reconsent, suspend_mailbox
 from mailgov.signals import post_send, pre_send
 from mailgov.tokens import get_access_token
+from mailgov.validation import PreparedMessage, prepare_message
 
 logger = logging.getLogger("mailgov.backends.smtp")
-
-#: Top-level headers Django writes itself; any other name in the serialized
-#: header block must be one the caller set in ``extra_headers``.
-DJANGO_HEADERS = frozenset(
-    {
-        "content-type",
-        "mime-version",
-        "content-transfer-encoding",
-        "subject",
-        "from",
-        "to",
-        "cc",
-        "reply-to",
-        "date",
-        "message-id",
-    }
-)
-# CR, LF and NUL, every other control character but TAB (RFC 5322 allows
-# none in a header), and the Unicode line breaks some readers split on.
-FORBIDDEN_RE = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
-# The same for the serialized header block, where CRLF separates lines.
-FORBIDDEN_BYTES_RE = re.compile(b"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-MAX_ADDRESS_LENGTH = 254  # RFC 5321 path limit less the angle brackets
-MAX_LOCAL_PART_LENGTH = 64
-
-
-def _is_header_name(name: str) -> bool:
-    # RFC 5322 field name: printable ASCII except ":" and space.
-    return bool(name) and all(33 <= ord(char) <= 126 and char != ":" for char in name)
-
-
-def _addr_spec(formatted: str) -> str:
-    """The bare address in what ``sanitize_address`` returned ("a@b" or "Name <a@b>")."""
-    if formatted.endswith(">"):
-        return formatted[formatted.rfind("<") + 1 : -1]
-    return formatted
-
-
-def _check_value(what: str, value: Any) -> None:
-    if FORBIDDEN_RE.search(str(value)):
-        raise InvalidMessageError(
-            f"{what} contains a line break or control character; nothing was sent."
-        )
-
-
-@dataclass
-class PreparedMessage:
-    """A checked, serialized message, ready for the wire."""
-
-    message: EmailMessage
-    address: str  # the From address, lower-cased, for the mailbox lookup
-    from_addr: str
-    recipients: list[str]
-    data: bytes
-    message_id: str
-
-
-def prepare_message(message: EmailMessage) -> PreparedMessage:
-    """Check and serialize ``message``; raise :class:`InvalidMessageError` if unsafe.
-
-    Refuses CR, LF or NUL in any header value, address or header name, in
-    plain or RFC 2047-encoded form, and any header block that would carry a
-    header line the caller did not ask for. Gives the message a Message-ID
-    if it has none, so that a retry sends the same one.
-    """
-    _check_value("The subject", message.subject)
-    _check_value("The From address", message.from_email)
-    for what, addresses in (
-        ("A To address", message.to),
-        ("A Cc address", message.cc),
-        ("A Bcc address", message.bcc),
-        ("A Reply-To address", message.reply_to),
-    ):
-        for address in addresses:
-            _check_value(what, address)
-    extra_names = set()
-    for name, value in message.extra_headers.items():
-        if not _is_header_name(str(name)):
-            raise InvalidMessageError("A custom header has an invalid name; nothing was sent.")
-        _check_value(f"Header {name}", value)
-        extra_names.add(str(name).lower())
-    if "message-id" not in extra_names:
-        # A new dict: Django keeps the caller's ``headers=`` dict as it is, and
-        # messages built from one shared dict must not share one Message-ID.
-        message.extra_headers = {**message.extra_headers, "Message-ID": make_msgid(domain=DNS_NAME)}
-        extra_names.add("message-id")
-    recipients_raw = message.recipients()
-    if not recipients_raw:
-        raise InvalidMessageError("The message has no recipients; nothing was sent.")
-    encoding = message.encoding or settings.DEFAULT_CHARSET
-    try:
-        from_addr = sanitize_address(message.from_email, encoding)
-        recipients = [sanitize_address(addr, encoding) for addr in recipients_raw]
-        mime = message.message()
-        data = mime.as_bytes(linesep="\r\n")
-        _check_header_block(data, DJANGO_HEADERS | extra_names)
-    except InvalidMessageError:
-        raise
-    except (ValueError, MessageError, LookupError) as exc:
-        # ValueError includes Django's BadHeaderError; MessageError what the
-        # email package raises for control characters; LookupError an
-        # unknown charset in an encoded word.
-        raise InvalidMessageError(
-            f"The message cannot be sent as it is ({type(exc).__name__}); nothing was sent."
-        ) from None
-    address = _addr_spec(from_addr).lower()
-    for formatted in [from_addr, *recipients]:
-        addr_spec = _addr_spec(formatted)
-        local, _, domain = addr_spec.rpartition("@")
-        if (
-            not local
-            or not domain
-            or len(addr_spec) > MAX_ADDRESS_LENGTH
-            or len(local) > MAX_LOCAL_PART_LENGTH
-        ):
-            raise InvalidMessageError("An address is malformed or too long; nothing was sent.")
-    # A From or Sender header naming someone else would show the recipients
-    # a sender other than the mailbox that authenticated.
-    for name, value in message.extra_headers.items():
-        if str(name).lower() in ("from", "sender"):
-            try:
-                shown = _addr_spec(sanitize_address(str(value), encoding)).lower()
-            except ValueError:
-                shown = None
-            if shown != address:
-                raise InvalidMessageError(
-                    f"The {name} header names another address than the sender; nothing was sent."
-                )
-    return PreparedMessage(
-        message=message,
-        address=address,
-        from_addr=from_addr,
-        recipients=recipients,
-        data=data,
-        message_id=str(mime["Message-ID"] or ""),
-    )
-
-
-def _check_header_block(data: bytes, allowed: frozenset[str] | set[str]) -> None:
-    """The bytes on the wire must hold no header line nobody asked for."""
-    head = data.split(b"\r\n\r\n", 1)[0]
-    if FORBIDDEN_BYTES_RE.search(head):
-        raise InvalidMessageError("The header block has a control character; nothing was sent.")
-    for line in head.split(b"\r\n"):
-        if b"\r" in line or b"\n" in line:
-            raise InvalidMessageError("The header block has a bare line break; nothing was sent.")
-        if line[:1] in (b" ", b"\t"):
-            value = line
-        else:
-            name, colon, value = line.partition(b":")
-            if not colon or name.decode("ascii", "replace").lower() not in allowed:
-                raise InvalidMessageError(
-                    "The message would carry an unexpected header line; nothing was sent."
-                )
-        if b"=?" in value:
-            # An encoded word must not decode to a line break either: the
-            # receiving side would show it as a new header.
-            for part, charset in decode_header(value.decode("ascii", "replace")):
-                text = (
-                    part.decode(charset or "ascii", "replace") if isinstance(part, bytes) else part
-                )
-                if FORBIDDEN_RE.search(text):
-                    raise InvalidMessageError(
-                        "An encoded header decodes to a line break or control character; "
-                        "nothing was sent."
-                    )
 
 
 @sensitive_variables()

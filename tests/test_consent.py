@@ -103,6 +103,46 @@ def test_rate_limit_gives_429_and_a_log_line(client, alice, caplog):
     assert "rate limit hit on '/mailboxes/connect/send_mail/demo/'" in caplog.text
 
 
+def assert_private(response) -> None:
+    assert "no-store" in response["Cache-Control"].split(", "), response["Cache-Control"]
+    assert response["Referrer-Policy"] == "no-referrer"
+
+
+def test_every_response_of_the_consent_flow_is_private(client, alice, connect, allauth_demo):
+    """Never cached, never referred: the pages, the redirect to the provider
+    (state and PKCE challenge in its URL), the error page, disconnect, sign-in."""
+    page = client.get(CONSENT)
+    assert page.status_code == 200
+    assert_private(page)
+    to_provider = start(client)
+    assert to_provider.status_code == 302
+    assert "code_challenge=" in to_provider["Location"]
+    assert_private(to_provider)
+    stale = client.post(CONSENT, {"version": "0"})
+    assert (stale.status_code, stale["Location"]) == (302, CONSENT)
+    assert_private(stale)
+    listing = client.get("/mailboxes/")
+    assert listing.status_code == 200
+    assert_private(listing)
+    error = client.get("/mailboxes/not-connected/")
+    assert error.status_code == 400
+    assert_private(error)
+    mailbox = connect("alice")
+    disconnected = client.post(f"/mailboxes/{mailbox.pk}/disconnect/")
+    assert disconnected.status_code == 302
+    assert_private(disconnected)
+    anonymous = Client()
+    to_login = anonymous.get(CONSENT)
+    assert to_login.status_code == 302 and "/accounts/login/" in to_login["Location"]
+    assert_private(to_login)
+    sign_in_page = anonymous.get("/accounts/oidc/demo/login/")
+    assert sign_in_page.status_code == 200
+    assert_private(sign_in_page)
+    sign_in = anonymous.post("/accounts/oidc/demo/login/")
+    assert sign_in.status_code == 302 and "code_challenge=" in sign_in["Location"]
+    assert_private(sign_in)
+
+
 def test_callback_with_an_unknown_state_is_a_clear_page(client, alice, caplog, authserver):
     caplog.set_level(logging.WARNING, logger="mailgov.security")
     issued = refresh_tokens_issued(authserver, "alice")

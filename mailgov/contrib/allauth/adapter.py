@@ -16,6 +16,7 @@ from django.utils.translation import gettext as _
 
 from mailgov.capabilities import get_capability
 from mailgov.contrib.allauth.consent import STATE_KEY, capture_grant, consent_in_state
+from mailgov.contrib.allauth.headers import make_private
 from mailgov.exceptions import MailboxUnavailableError, MailgovConfigurationError, MailgovError
 from mailgov.models import Mailbox
 
@@ -28,10 +29,7 @@ ERROR_SESSION_KEY = "mailgov_consent_error"
 def consent_error(request: HttpRequest, message: str) -> ImmediateHttpResponse:
     """Leave the callback URL (it may carry a code) for a clean error page."""
     request.session[ERROR_SESSION_KEY] = str(message)
-    response = redirect("mailgov:consent_error")
-    response["Cache-Control"] = "no-store"
-    response["Referrer-Policy"] = "no-referrer"
-    return ImmediateHttpResponse(response)
+    return ImmediateHttpResponse(make_private(redirect("mailgov:consent_error")))
 
 
 class MailgovSocialAccountAdapter(DefaultSocialAccountAdapter):

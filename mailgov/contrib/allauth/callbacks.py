@@ -23,8 +23,8 @@ from allauth.socialaccount.providers.openid_connect.views import OpenIDConnectOA
 from allauth.utils import get_request_param
 from django.contrib.auth.decorators import login_not_required
 from django.http import Http404, HttpRequest, HttpResponse
-from django.views.decorators.cache import never_cache
 
+from mailgov.contrib.allauth.headers import private
 from mailgov.contrib.allauth.limits import limited
 from mailgov.providers.base import parse_expires_in
 
@@ -33,9 +33,14 @@ WIDENING_PARAMETERS = ("scope", "auth_params")
 
 
 def server_decides_scopes(view):
-    """Drop ``scope`` and ``auth_params`` from the request before allauth sees it."""
+    """Drop ``scope`` and ``auth_params`` from the request before allauth sees it.
+
+    The answer (allauth's confirmation page, or the redirect to the provider
+    that carries the ``state`` and the PKCE challenge) is private.
+    """
 
     @wraps(view)
+    @private
     def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         for name in ("GET", "POST"):
             params = getattr(request, name)
@@ -97,13 +102,10 @@ def callback_view(view):
 
     @wraps(view)
     @login_not_required
-    @never_cache
+    @private
     @limited("CALLBACK_RATE")
     def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        response = view(request, *args, **kwargs)
-        # never_cache adds Cache-Control: no-store (and more) on the way out.
-        response["Referrer-Policy"] = "no-referrer"
-        return response
+        return view(request, *args, **kwargs)
 
     wrapped.mailgov_route = True
     return wrapped

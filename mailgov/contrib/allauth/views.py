@@ -18,6 +18,7 @@ from mailgov.capabilities import CAPABILITIES, describe_scope, get_capability
 from mailgov.conf import mailgov_settings
 from mailgov.contrib.allauth.adapter import ERROR_SESSION_KEY
 from mailgov.contrib.allauth.consent import start_consent, write_receipt
+from mailgov.contrib.allauth.headers import make_private, private
 from mailgov.contrib.allauth.limits import limited
 from mailgov.contrib.allauth.reasons import reason_text
 from mailgov.exceptions import MailgovConfigurationError
@@ -43,6 +44,7 @@ def connectable_providers() -> list[str]:
     return sorted(mailgov_settings.PROVIDERS)
 
 
+@private
 @login_required
 def mailboxes(request: HttpRequest) -> HttpResponse:
     boxes = list(Mailbox.objects.filter(owner=request.user).order_by("address"))
@@ -75,6 +77,7 @@ def mailboxes(request: HttpRequest) -> HttpResponse:
     )
 
 
+@private
 @login_required
 @require_http_methods(["GET", "POST"])
 def consent(request: HttpRequest, capability_id: str, provider_id: str) -> HttpResponse:
@@ -115,6 +118,7 @@ def _start(request: HttpRequest, capability, provider_id: str) -> HttpResponse:
     return start_consent(request, capability, provider_id)
 
 
+@private
 @login_required
 @require_POST
 @limited("DISCONNECT_RATE")
@@ -195,16 +199,13 @@ def ratelimited(request: HttpRequest, exception: Exception) -> HttpResponse:
     )
     response = render(request, "mailgov/ratelimited.html", status=429)
     response["Retry-After"] = "60"
-    response["Cache-Control"] = "no-store"
-    response["Referrer-Policy"] = "no-referrer"
-    return response
+    return make_private(response)
 
 
+@private
 def consent_error(request: HttpRequest) -> HttpResponse:
     """Where a failed consent lands, on a URL without code or state."""
     message = request.session.pop(ERROR_SESSION_KEY, None) or _(
         "This consent could not be completed. Nothing was stored."
     )
-    response = render(request, "mailgov/consent_error.html", {"message": message}, status=400)
-    response["Cache-Control"] = "no-store"
-    return response
+    return render(request, "mailgov/consent_error.html", {"message": message}, status=400)

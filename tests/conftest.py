@@ -7,9 +7,11 @@ process with its own database, the SMTP server in a thread of this process
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
+import sqlite3
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -193,8 +195,58 @@ def connect(authserver, demo_provider, site_user) -> Callable[..., Mailbox]:
     return make
 
 
+def refresh_token_state(authserver: AuthServer, token: str) -> str:
+    """What the demo authorization server holds of refresh ``token``:
+    ``"live"``, ``"revoked"`` or ``"unknown"``, read from its token table.
+
+    Not by introspection: django-oauth-toolkit's introspection answers
+    inactive for every refresh token, revoked or not.
+    """
+    # The server stores tokens only as SHA-256 checksums (RFC 9700 storage).
+    checksum = hashlib.sha256(token.encode()).hexdigest()
+    db = sqlite3.connect(authserver.data_dir / "db.sqlite3", timeout=30)
+    try:
+        row = db.execute(
+            "SELECT revoked FROM oauth2_provider_refreshtoken WHERE token_checksum = ?",
+            [checksum],
+        ).fetchone()
+    finally:
+        db.close()
+    if row is None:
+        return "unknown"
+    return "live" if row[0] is None else "revoked"
+
+
+def refresh_grant_error(authserver: AuthServer, token: str) -> str | None:
+    """Redeem refresh ``token`` at the token endpoint: the OAuth error code if
+    it is refused (``invalid_grant`` for a revoked one), ``None`` if a new
+    token was issued (which uses the grant up: call it only to prove death)."""
+    answer = requests.post(
+        authserver.metadata()["token_endpoint"],
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": token,
+            "client_id": authserver.client_id,
+            "client_secret": authserver.client_secret,
+        },
+        timeout=10,
+    )
+    if answer.status_code == 200:
+        return None
+    return answer.json().get("error", f"HTTP {answer.status_code}")
+
+
+def assert_refresh_token_revoked(authserver: AuthServer, token: str) -> None:
+    """The server marked ``token`` revoked, and redeeming it is refused."""
+    assert refresh_token_state(authserver, token) == "revoked"
+    assert refresh_grant_error(authserver, token) == "invalid_grant"
+
+
 def token_active(authserver: AuthServer, token: str) -> bool:
-    """Whether the authorization server's introspection endpoint says ``token`` is active."""
+    """Whether the authorization server's introspection endpoint says ``token`` is active.
+
+    For access tokens only: see :func:`refresh_token_state`.
+    """
     answer = requests.post(
         authserver.metadata()["introspection_endpoint"],
         data={"token": token},

@@ -19,7 +19,7 @@ from mailgov.exceptions import MailboxUnavailableError
 from mailgov.models import Mailbox, MailboxCredentials, SendLog
 from mailgov.providers import OIDCProvider
 from mailgov.services import revoke_mailbox
-from tests.conftest import secrets_of, token_active
+from tests.conftest import assert_refresh_token_revoked, refresh_token_state, secrets_of
 from tests.stubs import StubReply, token_endpoint_stub
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -80,6 +80,7 @@ def test_full_dump_and_audit_trail_hold_no_token(used_mailbox, leak_check):
 def test_admin_revoke_action_revokes_at_the_provider(connect, smtp, admin_client, authserver):
     mailbox = connect("alice")
     _, refresh = secrets_of(mailbox)
+    assert refresh_token_state(authserver, refresh) == "live"
     response = admin_client.post(
         "/admin/mailgov/mailbox/",
         {"action": "revoke", "_selected_action": [str(mailbox.pk)]},
@@ -90,8 +91,9 @@ def test_admin_revoke_action_revokes_at_the_provider(connect, smtp, admin_client
     assert mailbox.status == Mailbox.Status.REVOKED
     assert mailbox.revoked_at is not None
     assert secrets_of(mailbox) == []
-    # Inactive at the authorization server (RFC 7662 introspection).
-    assert not token_active(authserver, refresh)
+    # Revoked at the authorization server: its token table says so, and a
+    # refresh grant with it is refused.
+    assert_refresh_token_revoked(authserver, refresh)
     entry = LogEntry.objects.get_for_object(mailbox).first()
     assert "revoked" in str(entry.changes)
 
@@ -138,6 +140,7 @@ def test_pending_revocations_are_retried(connect, smtp, authserver, monkeypatch)
     with token_endpoint_stub(StubReply(503, {})) as stub:
         monkeypatch.setattr(OIDCProvider, "revocation_endpoint", property(lambda self: stub.url))
         assert revoke_mailbox(mailbox, "user: disconnected").at_provider is None
+        assert refresh_token_state(authserver, refresh) == "live"
         out = io.StringIO()
         call_command("mailgov_retry_revocations", stdout=out)
         assert "still pending: 1" in out.getvalue()
@@ -146,4 +149,4 @@ def test_pending_revocations_are_retried(connect, smtp, authserver, monkeypatch)
     call_command("mailgov_retry_revocations", stdout=out)
     assert "revoked: 1" in out.getvalue()
     assert MailboxCredentials.objects.get(pk=mailbox.pk).refresh_token is None
-    assert not token_active(authserver, refresh)
+    assert_refresh_token_revoked(authserver, refresh)

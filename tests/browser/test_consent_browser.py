@@ -13,7 +13,7 @@ from django.core.mail import send_mail
 
 from mailgov.exceptions import MailboxUnavailableError
 from mailgov.models import ConsentReceipt, Mailbox
-from tests.conftest import secrets_of, token_active
+from tests.conftest import assert_refresh_token_revoked, refresh_token_state, secrets_of
 from tests.test_tokens import refresh_tokens_issued
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -63,7 +63,20 @@ def test_sign_in_consent_send_and_disconnect(page, site, authserver, smtp):
     assert sorted(params["scope"][0].split()) == ["email", "openid", "profile"]
 
     links = SocialAccount.objects.count()  # the sign-in's own link
+    flow = []
+    page.on(
+        "response",
+        lambda response: flow.append(response) if "/mailboxes/connect/" in response.url else None,
+    )
     open_consent(page, site)
+    # The consent page and the redirect its POST answers with (state and PKCE
+    # challenge in its Location) are never cached; the redirect refers nowhere.
+    consent_page, to_provider = flow[0], flow[-1]
+    assert to_provider.request.method == "POST" and to_provider.status == 302
+    for response in (consent_page, to_provider):
+        assert "no-store" in response.headers["cache-control"].split(", ")
+    assert to_provider.headers["referrer-policy"] == "no-referrer"
+    assert consent_page.headers["referrer-policy"] == "same-origin"
     authorize = [url for url in requests_seen if "/o/authorize/" in url][-1]
     params = parse_qs(urlsplit(authorize).query)
     assert params["code_challenge_method"] == ["S256"]
@@ -100,13 +113,15 @@ def test_sign_in_consent_send_and_disconnect(page, site, authserver, smtp):
     assert received.auth_user == "alice@example.test"
 
     _, refresh = secrets_of(mailbox)
+    assert refresh_token_state(authserver, refresh) == "live"
     page.goto(f"{site}/mailboxes/")
     page.get_by_role("button", name="Disconnect").click()
     page.wait_for_url(f"{site}/mailboxes/")
     assert "withdrawn at your provider" in page.content()
     mailbox.refresh_from_db()
     assert mailbox.status == Mailbox.Status.REVOKED
-    assert not token_active(authserver, refresh)
+    # Not by introspection, which answers inactive for any refresh token.
+    assert_refresh_token_revoked(authserver, refresh)
     assert ConsentReceipt.objects.filter(action="withdraw").count() == 1
 
 

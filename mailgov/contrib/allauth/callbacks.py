@@ -40,7 +40,7 @@ def server_decides_scopes(view):
     """
 
     @wraps(view)
-    @private
+    @private(forms=True)  # allauth's confirmation page posts back here
     def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         for name in ("GET", "POST"):
             params = getattr(request, name)

@@ -44,7 +44,7 @@ def connectable_providers() -> list[str]:
     return sorted(mailgov_settings.PROVIDERS)
 
 
-@private
+@private(forms=True)
 @login_required
 def mailboxes(request: HttpRequest) -> HttpResponse:
     boxes = list(Mailbox.objects.filter(owner=request.user).order_by("address"))
@@ -77,7 +77,7 @@ def mailboxes(request: HttpRequest) -> HttpResponse:
     )
 
 
-@private
+@private(forms=True)
 @login_required
 @require_http_methods(["GET", "POST"])
 def consent(request: HttpRequest, capability_id: str, provider_id: str) -> HttpResponse:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from django.core import checks
-from django.db import connections
+from django.db import DatabaseError, connections
 
 from mailgov.conf import mailgov_settings
 from mailgov.crypto import configured_key_entries, parse_key_entries
 from mailgov.exceptions import KeyringError, MailgovConfigurationError
-from mailgov.providers import PINNED_KEYS, provider_type
+from mailgov.providers import PINNED_KEYS, describe_identity, provider_type
+from mailgov.services import provider_bindings
 
 #: One table of ids and texts.
 KEYRING_IDS = {
@@ -23,6 +24,8 @@ KEYRING_IDS = {
 PROVIDER_INVALID = "mailgov.E010"
 PROVIDER_PINNED = "mailgov.E011"
 PROVIDER_NO_CLIENT = "mailgov.E012"
+PROVIDER_CHANGED = "mailgov.E013"
+PROVIDER_UNBOUND = "mailgov.E014"
 NUMBER_NOT_POSITIVE = "mailgov.E020"
 SQLITE_NOT_IMMEDIATE = "mailgov.W001"
 
@@ -127,4 +130,63 @@ def check_sqlite_transaction_mode(
                     id=SQLITE_NOT_IMMEDIATE,
                 )
             )
+    return messages
+
+
+@checks.register(checks.Tags.security)
+def check_provider_bindings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Mailboxes whose provider id is now configured as another provider.
+
+    Each mailbox is bound at connect time to its provider's identity (type,
+    token endpoint or issuer, SMTP host); mailgov refuses to refresh or send
+    for a mailbox whose provider id no longer gives that identity. This check
+    says how many there are, per provider id, and what to do.
+
+    Not tagged ``database``, although it runs one aggregate query: a provider
+    re-declared as another is a security matter that ``manage.py check``,
+    ``runserver`` and every management command must report, and those skip
+    database-tagged checks. Where there is no database yet (before
+    ``migrate``, a build step), it reports nothing.
+    """
+    try:
+        rows = provider_bindings()
+    except DatabaseError:
+        return []
+    messages: list[checks.CheckMessage] = []
+    for row in rows:
+        if row["matches"] or not row["configured"]:
+            # A provider that is not configured at all is refused by name at
+            # send time; E010 covers an invalid configuration.
+            continue
+        provider_id, count = row["provider"], row["count"]
+        fix = (
+            f"Restore the configuration of {provider_id!r} in MAILGOV_PROVIDERS. If the change "
+            "is intended and the new endpoints belong to the provider that issued these "
+            f"grants, run 'manage.py mailgov_providers bind {provider_id}'. Otherwise revoke "
+            "the mailboxes (their owners reconnect through the new provider). "
+            "'manage.py mailgov_providers status' lists every binding."
+        )
+        if not row["binding"]:
+            messages.append(
+                checks.Error(
+                    f"{count} mailbox(es) of provider {provider_id!r} are bound to no provider "
+                    "identity (created before binding existed, or written without the ORM's "
+                    "save()); mailgov refuses to refresh or send for them.",
+                    hint=fix,
+                    obj=provider_id,
+                    id=PROVIDER_UNBOUND,
+                )
+            )
+            continue
+        messages.append(
+            checks.Error(
+                f"{count} mailbox(es) of provider {provider_id!r} were connected through "
+                f"{describe_identity(row['binding'])}, but {provider_id!r} is now configured "
+                f"as {describe_identity(row['configured'])}. mailgov refuses to refresh or "
+                "send for them: their tokens never go to another provider.",
+                hint=fix,
+                obj=provider_id,
+                id=PROVIDER_CHANGED,
+            )
+        )
     return messages

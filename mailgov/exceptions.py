@@ -63,6 +63,16 @@ class MailboxUnavailableError(MailgovError):
     """No usable mailbox: unknown sender, or a mailbox suspended, revoked or frozen."""
 
 
+class ProviderChangedError(MailboxUnavailableError):
+    """The mailbox's provider id is now configured as another provider (type,
+    token endpoint or issuer, SMTP host) than the one it was connected
+    through: its tokens are neither refreshed nor sent. ``provider_id`` names it."""
+
+    def __init__(self, message: str, *, provider_id: str = ""):
+        super().__init__(message)
+        self.provider_id = provider_id
+
+
 class DecryptionError(MailgovError):
     """A stored value could not be decrypted. Names the row and field, never the value."""
 

@@ -11,7 +11,18 @@ from django.db.models.functions import Lower
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from mailgov.exceptions import MailgovConfigurationError
 from mailgov.fields import EncryptedTextField
+from mailgov.providers import get_provider
+
+
+def current_identity(provider_id: str) -> str:
+    """The identity provider ``provider_id`` is configured as now; ``""`` if
+    it is not configured (or not validly)."""
+    try:
+        return get_provider(provider_id).identity
+    except MailgovConfigurationError:
+        return ""
 
 
 class Mailbox(models.Model):
@@ -35,6 +46,12 @@ class Mailbox(models.Model):
         verbose_name=_("owner"),
     )
     provider = models.CharField(_("provider"), max_length=64)
+    # The identity of the provider the mailbox was connected through
+    # ("type|issuer|smtp host", see Provider.identity). Tokens are used only
+    # while the configuration of ``provider`` still gives this identity.
+    provider_binding = models.CharField(
+        _("provider identity at connect time"), max_length=512, blank=True, editable=False
+    )
     address = models.EmailField(_("sending address"), max_length=254)
     status = models.CharField(
         _("status"), max_length=20, choices=Status.choices, default=Status.ACTIVE
@@ -65,6 +82,13 @@ class Mailbox(models.Model):
 
     def __str__(self) -> str:
         return f"{self.address} ({self.provider})"
+
+    def save(self, *args, **kwargs) -> None:
+        if self._state.adding and not self.provider_binding:
+            # A mailbox created without connect_mailbox() (the ORM, a fixture)
+            # is bound to its provider as configured now, as at connect time.
+            self.provider_binding = current_identity(self.provider)
+        super().save(*args, **kwargs)
 
     def has_scopes(self, scopes: list[str] | tuple[str, ...]) -> bool:
         granted = set(self.scopes or ())

@@ -15,7 +15,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 from django.db import connection, connections, transaction
-from django.db.models import Q, TextField
+from django.db.models import Count, Q, TextField
 from django.db.models.functions import Cast
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
@@ -25,12 +25,19 @@ from mailgov.crypto import get_keyring, key_id_of
 from mailgov.exceptions import (
     DecryptionError,
     MailboxUnavailableError,
+    MailgovConfigurationError,
+    ProviderChangedError,
     ProviderError,
     ProviderUnavailableError,
 )
 from mailgov.fields import EncryptedTextField, Sealed
-from mailgov.models import Mailbox, MailboxCredentials
-from mailgov.providers import TokenResponse, get_provider
+from mailgov.models import Mailbox, MailboxCredentials, current_identity
+from mailgov.providers import (
+    TokenResponse,
+    describe_identity,
+    get_mailbox_provider,
+    get_provider,
+)
 from mailgov.signals import mailbox_needs_reconsent
 
 logger = logging.getLogger("mailgov")
@@ -121,6 +128,8 @@ def connect_mailbox(
             mailbox.revocation_reason = reason
             mailbox.revoked_at = None
         mailbox.connected_at = now
+        # Bound to the provider that issued these tokens (a reconnect rebinds).
+        mailbox.provider_binding = provider.identity
         mailbox.save()
         credentials.mailbox = mailbox
         credentials.save()
@@ -258,6 +267,10 @@ def revoke_mailbox(mailbox: Mailbox, reason: str) -> RevocationResult:
         credentials = (
             MailboxCredentials.objects.select_for_update(no_key=True).filter(pk=mailbox.pk).first()
         )
+        # A provider id now configured as another provider must not receive
+        # this grant's refresh token, not even to revoke it: it is kept for
+        # the retry, which sends it once the configuration is restored.
+        changed_provider = locked.provider_binding != provider.identity
         locked.status = Mailbox.Status.REVOKED
         locked.revoked_at = timezone.now()
         locked.revocation_reason = reason[:255]
@@ -268,7 +281,15 @@ def revoke_mailbox(mailbox: Mailbox, reason: str) -> RevocationResult:
             credentials.expires_at = None
             credentials.save()
     result = RevocationResult(at_provider=False)
-    if refresh_token:
+    if refresh_token and changed_provider:
+        result.at_provider = None
+        security_logger.warning(
+            "mailbox %s: provider %r is configured as another provider than the one it was "
+            "connected through; its refresh token was not sent there (revocation pending)",
+            mailbox.pk,
+            mailbox.provider,
+        )
+    elif refresh_token:
         try:
             result.at_provider = provider.revoke(refresh_token)
         except ProviderUnavailableError:
@@ -301,7 +322,12 @@ def retry_revocations() -> dict[str, int]:
         mailbox__status=Mailbox.Status.REVOKED, refresh_token__isnull=False
     ).select_related("mailbox")
     for credentials in pending.iterator(chunk_size=100):
-        provider = get_provider(credentials.mailbox.provider)
+        try:
+            provider = get_mailbox_provider(credentials.mailbox)
+        except (ProviderChangedError, MailgovConfigurationError):
+            # Never sent to another provider than the one that issued it.
+            counts["pending"] += 1
+            continue
         try:
             provider.revoke(credentials.refresh_token)
             outcome = "revoked"
@@ -313,6 +339,58 @@ def retry_revocations() -> dict[str, int]:
         MailboxCredentials.objects.filter(pk=credentials.pk).update(refresh_token=None)
         counts[outcome] += 1
     return counts
+
+
+def bind_mailboxes(provider_id: str, *, actor: str = "") -> int:
+    """Bind every mailbox of ``provider_id`` whose binding differs (or is
+    missing) to the provider's identity as configured now; return how many.
+
+    For an operator who changed a provider's configuration on purpose and
+    knows the new endpoints belong to the provider that issued the tokens.
+    Written to the security log, with the old and new identities.
+    """
+    identity = get_provider(provider_id).identity
+    stale = Mailbox.objects.filter(provider=provider_id).exclude(provider_binding=identity)
+    previous = sorted(set(stale.values_list("provider_binding", flat=True)))
+    count = stale.update(provider_binding=identity)
+    if count:
+        security_logger.warning(
+            "%d mailbox(es) of provider %r rebound from %s to %s%s",
+            count,
+            provider_id,
+            "; ".join(describe_identity(item) for item in previous),
+            describe_identity(identity),
+            f" by {actor}" if actor else "",
+        )
+    return count
+
+
+def provider_bindings() -> list[dict[str, Any]]:
+    """Per provider id and binding: how many mailboxes, and whether the
+    binding matches the configuration now (``configured`` is ``""`` for a
+    provider that is not configured). One aggregate query."""
+    rows = (
+        Mailbox.objects.values("provider", "provider_binding")
+        .annotate(count=Count("pk"))
+        .order_by("provider", "provider_binding")
+    )
+    identities: dict[str, str] = {}
+    result = []
+    for row in rows:
+        provider_id = row["provider"]
+        if provider_id not in identities:
+            identities[provider_id] = current_identity(provider_id)
+        configured = identities[provider_id]
+        result.append(
+            {
+                "provider": provider_id,
+                "binding": row["provider_binding"],
+                "configured": configured,
+                "count": row["count"],
+                "matches": bool(configured) and row["provider_binding"] == configured,
+            }
+        )
+    return result
 
 
 # -- key rotation ---------------------------------------------------------------

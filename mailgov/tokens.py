@@ -23,7 +23,7 @@ from django.views.decorators.debug import sensitive_variables
 from mailgov.conf import mailgov_settings
 from mailgov.exceptions import GrantRevokedError, MailboxUnavailableError
 from mailgov.models import Mailbox, MailboxCredentials
-from mailgov.providers import get_provider
+from mailgov.providers import Provider, get_mailbox_provider
 from mailgov.services import (
     apply_token_response,
     mark_needs_reconsent_locked,
@@ -47,12 +47,17 @@ def get_access_token(
     refreshing again.
 
     Raises :class:`MailboxUnavailableError` (mailbox not active or not
-    connected), :class:`GrantRevokedError` (``invalid_grant``: the mailbox is
-    now ``needs_reconsent``, its tokens wiped, the signal sent),
+    connected), :class:`ProviderChangedError` (its provider id is now
+    configured as another provider: nothing is refreshed or returned),
+    :class:`GrantRevokedError` (``invalid_grant``: the mailbox is now
+    ``needs_reconsent``, its tokens wiped, the signal sent),
     :class:`TokenRefreshUnavailableError` (5xx/timeout: retry later; tokens
     kept), :class:`TokenRefreshError` (other refusals; tokens kept).
     """
     margin = mailgov_settings.TOKEN_REFRESH_MARGIN_SECONDS
+    # Neither handed out nor refreshed for a provider id now configured as
+    # another provider than the one that issued the tokens.
+    provider = get_mailbox_provider(mailbox)
     if not force_refresh:
         # Only an active mailbox's token is handed out: a suspended or
         # revoked mailbox falls through to the checks below and is refused.
@@ -61,13 +66,19 @@ def get_access_token(
         ).first()
         if credentials is not None and credentials.access_token_valid(margin):
             return credentials.access_token
-    return _refresh(mailbox, margin, force_refresh=force_refresh, rejected_token=rejected_token)
+    return _refresh(
+        mailbox, provider, margin, force_refresh=force_refresh, rejected_token=rejected_token
+    )
 
 
 def _refresh(
-    mailbox: Mailbox, margin: int, *, force_refresh: bool, rejected_token: str | None
+    mailbox: Mailbox,
+    provider: Provider,
+    margin: int,
+    *,
+    force_refresh: bool,
+    rejected_token: str | None,
 ) -> str:
-    provider = get_provider(mailbox.provider)
     # Resolve the endpoint (an OIDC discovery fetch) before taking the lock,
     # so that the lock is held for one HTTP call only.
     _ = provider.token_endpoint
@@ -84,6 +95,9 @@ def _refresh(
             raise MailboxUnavailableError(
                 f"Mailbox {locked.pk} is {locked.status}; it cannot be used to send."
             )
+        if locked.provider_binding != provider.identity:
+            # Rebound or reconnected meanwhile: the fresh row decides.
+            get_mailbox_provider(locked)
         if credentials is None or not credentials.refresh_token:
             raise MailboxUnavailableError(f"Mailbox {locked.pk} holds no refresh token.")
         # Re-check under the lock: another thread or process may have

@@ -28,7 +28,7 @@ from mailgov.exceptions import (
 )
 from mailgov.models import Mailbox, MailboxCredentials, SendLog
 from mailgov.providers import GoogleProvider, TokenResponse, get_provider
-from mailgov.services import connect_mailbox
+from mailgov.services import bind_mailboxes, connect_mailbox
 from mailgov.signals import mailbox_needs_reconsent
 from mailgov.testing.smtpserver import SubmissionServer
 from tests.conftest import secrets_of
@@ -434,6 +434,9 @@ def test_certificate_for_another_host_is_refused(connect, other_server, settings
     # localhost and 127.0.0.1.
     server = other_server(host="127.0.0.2")
     settings.MAILGOV_PROVIDERS["demo"].update(smtp_host="127.0.0.2", smtp_port=server.port)
+    # Another SMTP host is another provider identity: bound on purpose here,
+    # so that the certificate check is what refuses.
+    assert bind_mailboxes("demo") == 1
     with pytest.raises(ssl.SSLCertVerificationError, match=r"IP address mismatch|hostname"):
         send_mail("x", "x", "alice@example.test", ["z@x.test"], fail_silently=True)
     assert auth_lines(server) == []
@@ -591,6 +594,9 @@ def test_an_untrusted_token_endpoint_is_never_silenced(settings, site_user, monk
     tls = (str(tls_files.other_server_cert), str(tls_files.other_server_key))
     with token_endpoint_stub(reply, tls=tls) as stub:
         monkeypatch.setattr(GoogleProvider, "token_endpoint", stub.url)
+        # The stand-in is another token endpoint, hence another provider
+        # identity: bound on purpose, so that the certificate is what refuses.
+        assert bind_mailboxes("google") == 1
         with pytest.raises(ProviderError, match="certificate"):
             send_mail("x", "x", "alice@gmail.example", ["z@x.test"], fail_silently=True)
         assert stub.requests == []

@@ -117,12 +117,14 @@ def test_sqlite_without_immediate_transactions_warns():
         ("MAILGOV_ROTATION_BATCH_SIZE", "500"),
     ],
 )
+@pytest.mark.django_db  # the binding check (E013) reads mailboxes
 def test_numbers_must_be_positive(name, value):
     with override_settings(**{name: value}):
         ids = [m.id for m in run_checks()]
     assert "mailgov.E020" in ids
 
 
+@pytest.mark.django_db  # the binding check (E013) reads mailboxes
 def test_sqlite_warning_shows_in_a_plain_check():
     """W001 is not database-tagged, so `manage.py check` shows it."""
     connection = connections["default"]
@@ -137,6 +139,7 @@ def test_sqlite_warning_shows_in_a_plain_check():
         options["transaction_mode"] = saved
 
 
+@pytest.mark.django_db  # the binding check (E013) reads mailboxes
 def test_checks_registered_with_django():
     with override_settings(MAILGOV_ENCRYPTION_KEYS=["broken"]):
         ids = [m.id for m in run_checks()]

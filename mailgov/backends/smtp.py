@@ -55,7 +55,7 @@ from mailgov.exceptions import (
     SMTPSecurityError,
 )
 from mailgov.models import Mailbox, SendLog
-from mailgov.providers import Provider, get_provider
+from mailgov.providers import Provider, get_mailbox_provider
 from mailgov.services import mark_needs_reconsent, suspend_mailbox
 from mailgov.signals import post_send, pre_send
 from mailgov.tokens import get_access_token
@@ -167,7 +167,7 @@ class EmailBackend(smtp.EmailBackend):
         if self.connection is not None and self._connected_mailbox == mailbox:
             return False
         self.close()
-        provider = get_provider(mailbox.provider)
+        provider = get_mailbox_provider(mailbox)
         token = get_access_token(mailbox)
         try:
             self._connect(provider)
@@ -255,7 +255,7 @@ class EmailBackend(smtp.EmailBackend):
             raise MailboxUnavailableError(
                 f"Mailbox {mailbox.pk} ({mailbox.address}) is {mailbox.status}; nothing was sent."
             )
-        provider = get_provider(mailbox.provider)
+        provider = get_mailbox_provider(mailbox)
         if not mailbox.has_scopes(provider.send_scopes):
             raise ConsentRequiredError(
                 f"Mailbox {mailbox.pk} was not granted the send scope; its owner must consent."

@@ -89,6 +89,27 @@ class Provider:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id}>"
 
+    # -- identity -------------------------------------------------------------
+    @property
+    def issuer(self) -> str:
+        """Who issues this provider's tokens: its token endpoint (Google,
+        Microsoft) or its configured issuer (OIDC). From settings only."""
+        return self.token_endpoint
+
+    @property
+    def identity(self) -> str:
+        """What a mailbox is bound to when it is connected: ``type|issuer|SMTP host``.
+
+        A mailbox's tokens are refreshed at, and sent to, only the provider
+        that issued them: when the configuration of its provider id no longer
+        gives this same identity, mailgov refuses to use them
+        (:func:`mailgov.providers.get_mailbox_provider`). The SMTP port and
+        TLS mode are left out: they change the door, not who holds the
+        token on the other side (587 and 465 on one host are one operator).
+        Computed from settings alone, never from the network.
+        """
+        return f"{self.type}|{self.issuer}|{self.smtp_host.lower()}"
+
     # -- endpoints (overridden or discovered) -----------------------------
     @property
     def authorization_endpoint(self) -> str:

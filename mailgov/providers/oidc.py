@@ -104,6 +104,12 @@ class OIDCProvider(Provider):
         return document
 
     @property
+    def issuer(self) -> str:
+        # The configured server (or discovery document) names the issuer, with
+        # no network call: a binding must be computable offline.
+        return (self.config.get("server_url") or self.discovery_url).rstrip("/")
+
+    @property
     def authorization_endpoint(self) -> str:
         return self.discovery["authorization_endpoint"]
 

@@ -401,6 +401,8 @@ class RotationResult:
     rotated: int = 0
     rows: int = 0
     failed_rows: list[str] = field(default_factory=list)
+    #: Rows senders kept rewriting during the run (still pending: run again).
+    busy_rows: list[str] = field(default_factory=list)
 
 
 def _encrypted_fields() -> list[EncryptedTextField]:
@@ -435,83 +437,158 @@ def key_usage() -> dict[str, int]:
     return counts
 
 
-def _write_sealed(rows: list[list[Any]], fields: list[EncryptedTextField]) -> None:
-    """Write re-encrypted ``[pk, sealed, ...]`` rows with one prepared UPDATE.
+#: Null-safe equality per database vendor, for the compare-and-set of rotation.
+_SAME_AS = {"postgresql": "IS NOT DISTINCT FROM", "sqlite": "IS", "mysql": "<=>"}
+
+
+def _write_sealed_if_unchanged(
+    rows: list[tuple[Any, list[Any], list[Any]]], fields: list[EncryptedTextField]
+) -> int:
+    """Write re-encrypted values, each row only if it still holds what was read.
+
+    ``rows`` are ``(pk, values read, values to write)``. One prepared UPDATE
+    per row, ``... WHERE pk = %s AND <column> IS <value read> ...``, sent
+    with ``executemany``: a row that a token refresh, a revocation or a
+    reconnect wrote meanwhile is left alone (its new values are the
+    writer's, under the primary key). Returns the number of rows written.
 
     Not ``bulk_update()``: it reads values through the descriptor, i.e. as
     plaintext, which the field rightly refuses to write; and building a
     ``CASE`` expression per row in the ORM costs more than the encryption.
-    The rows are locked by the caller, so writing back a value that did not
-    change is safe.
     """
     meta = MailboxCredentials._meta
     connection = connections[MailboxCredentials.objects.db]
     quote = connection.ops.quote_name
+    same = _SAME_AS.get(connection.vendor)
     assignments = ", ".join(f"{quote(field_.column)} = %s" for field_ in fields)
+    if same is not None:
+        guards = " AND ".join(f"{quote(field_.column)} {same} %s" for field_ in fields)
+    else:  # any other database: the portable, longer form
+        guards = " AND ".join(
+            f"({quote(f.column)} = %s OR ({quote(f.column)} IS NULL AND %s IS NULL))"
+            for f in fields
+        )
     # Only quoted names from the model's own metadata; every value is a parameter.
-    sql = f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(meta.pk.column)} = %s"  # noqa: S608
-    params = [
-        [
-            *(field_.get_prep_value(value) for field_, value in zip(fields, row[1:], strict=True)),
-            meta.pk.get_db_prep_value(row[0], connection),
-        ]
-        for row in rows
-    ]
+    sql = (
+        f"UPDATE {quote(meta.db_table)} SET {assignments} "  # noqa: S608
+        f"WHERE {quote(meta.pk.column)} = %s AND {guards}"
+    )
+    params = []
+    for pk, before, after in rows:
+        row = [field_.get_prep_value(value) for field_, value in zip(fields, after, strict=True)]
+        row.append(meta.pk.get_db_prep_value(pk, connection))
+        for field_, value in zip(fields, before, strict=True):
+            prepared = field_.get_prep_value(value)
+            row.extend([prepared] if same is not None else [prepared, prepared])
+        params.append(row)
     with connection.cursor() as cursor:
         cursor.executemany(sql, params)
+        return cursor.rowcount
 
 
 def rotate_keys(
     *, batch_size: int | None = None, progress: Callable[[int], None] | None = None
 ) -> RotationResult:
-    """Re-encrypt every value not under the primary key, one batch per transaction.
+    """Re-encrypt every value not under the primary key, one batch at a time.
 
-    Safe while mail is being sent: each batch locks its rows (the token
-    refresh takes the same lock), and every key stays able to decrypt until
-    it is removed from the keyring. Resumable: an interrupted run leaves
-    whole batches done, and a new run picks up what is still pending. A row
-    that cannot be decrypted is skipped and reported, not rewritten.
+    Online: mail keeps flowing while it runs, on SQLite as on PostgreSQL.
+    Each batch is read and re-encrypted outside any transaction (no lock is
+    held while the CPU works), then written in one short transaction with a
+    compare-and-set per row (:func:`_write_sealed_if_unchanged`): a row that
+    a sender wrote meanwhile is not overwritten, and is taken up again at
+    the end of the run. So a sender waits at most for one batch's write
+    (SQLite's write lock, PostgreSQL's row locks of that batch's rows), never
+    for the whole rotation: on SQLite, where a writer waiting for the lock
+    only polls, the gaps between two writes are what lets it in.
+
+    Every key stays able to decrypt until it is removed from the keyring.
+    Resumable: an interrupted run leaves whole batches done, and a new run
+    picks up what is still pending. A row that cannot be decrypted is skipped
+    and reported, not rewritten; a row still being rewritten by senders after
+    a few passes is reported in ``busy_rows`` (run again).
     """
     batch_size = batch_size or mailgov_settings.ROTATION_BATCH_SIZE
     fields = _encrypted_fields()
-    names = [field_.attname for field_ in fields]
     result = RotationResult()
+    changed_meanwhile: list[Any] = []
     last_pk = None
     while True:
-        prefix = get_keyring().primary_prefix
-        with transaction.atomic():
-            query = rotation_pending().order_by("pk")
-            if last_pk is not None:
-                query = query.filter(pk__gt=last_pk)
-            # Plain rows, not model instances: instantiating models costs more
-            # than the cryptography here.
-            batch = [
-                list(row)
-                for row in query.select_for_update()[:batch_size].values_list("pk", *names)
-            ]
-            if not batch:
-                break
-            changed = []
-            rotated = 0
-            for row in batch:
-                pk = row[0]
-                try:
-                    for index, field_ in enumerate(fields, start=1):
-                        sealed = row[index]
-                        if isinstance(sealed, Sealed) and not sealed.ciphertext.startswith(prefix):
-                            plaintext = field_.decrypt_for_pk(pk, sealed.ciphertext)
-                            row[index] = field_.seal_for_pk(pk, plaintext)
-                            rotated += 1
-                except DecryptionError as exc:
-                    logger.error("key rotation skipped a row: %s", exc)
-                    result.failed_rows.append(str(pk))
-                    continue
-                changed.append(row)
-            if changed:
-                _write_sealed(changed, fields)
-            last_pk = batch[-1][0]
-        result.rotated += rotated
-        result.rows += len(changed)
+        query = rotation_pending().order_by("pk")
+        if last_pk is not None:
+            query = query.filter(pk__gt=last_pk)
+        batch_pks, lost = _rotate_batch(query, fields, batch_size, result)
+        if not batch_pks:
+            break
+        changed_meanwhile.extend(lost)
+        last_pk = batch_pks[-1]
         if progress:
-            progress(len(batch))
+            progress(len(batch_pks))
+    # Rows a sender wrote between read and write: again, a few times at most.
+    for _attempt in range(5):
+        if not changed_meanwhile:
+            break
+        pending = changed_meanwhile
+        changed_meanwhile = []
+        for start in range(0, len(pending), batch_size):
+            query = rotation_pending().filter(pk__in=pending[start : start + batch_size])
+            _pks, lost = _rotate_batch(query.order_by("pk"), fields, batch_size, result)
+            changed_meanwhile.extend(lost)
+    result.busy_rows = [str(pk) for pk in changed_meanwhile]
     return result
+
+
+def _rotate_batch(
+    query: Any, fields: list[EncryptedTextField], batch_size: int, result: RotationResult
+) -> tuple[list[Any], list[Any]]:
+    """Rotate the first ``batch_size`` rows of ``query``; count into ``result``.
+
+    Returns ``(the batch's pks, pks a sender changed meanwhile, still pending)``.
+    """
+    prefix = get_keyring().primary_prefix
+    names = [field_.attname for field_ in fields]
+    # Plain rows, not model instances: instantiating models costs more than
+    # the cryptography here. Read in autocommit: no lock is taken.
+    batch = [list(row) for row in query[:batch_size].values_list("pk", *names)]
+    if not batch:
+        return [], []
+    updates: list[tuple[Any, list[Any], list[Any]]] = []
+    counts: dict[Any, int] = {}
+    for row in batch:
+        pk, before = row[0], row[1:]
+        after = list(before)
+        try:
+            for index, field_ in enumerate(fields):
+                sealed = before[index]
+                if isinstance(sealed, Sealed) and not sealed.ciphertext.startswith(prefix):
+                    plaintext = field_.decrypt_for_pk(pk, sealed.ciphertext)
+                    after[index] = field_.seal_for_pk(pk, plaintext)
+                    counts[pk] = counts.get(pk, 0) + 1
+        except DecryptionError as exc:
+            logger.error("key rotation skipped a row: %s", exc)
+            result.failed_rows.append(str(pk))
+            continue
+        updates.append((pk, before, after))
+    mine = [pk for pk, _, _ in updates]
+    lost: list[Any] = []
+    if updates:
+        with transaction.atomic():
+            written = _write_sealed_if_unchanged(updates, fields)
+            if written < len(updates):
+                # Some rows were written by a sender between read and write
+                # (rare). Ours are those holding exactly what we wrote: every
+                # ciphertext has a fresh random nonce, so no one else's can
+                # match. The others are taken up again if still pending.
+                now = {
+                    row[0]: list(row[1:])
+                    for row in MailboxCredentials.objects.filter(pk__in=mine).values_list(
+                        "pk", *names
+                    )
+                }
+                mine = [pk for pk, _, after in updates if now.get(pk) == after]
+                pending = set(
+                    rotation_pending().filter(pk__in=list(now)).values_list("pk", flat=True)
+                )
+                lost = [pk for pk, _, _ in updates if pk not in mine and pk in pending]
+    result.rows += len(mine)
+    result.rotated += sum(counts.get(pk, 0) for pk in mine)
+    return [row[0] for row in batch], lost

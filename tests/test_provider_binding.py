@@ -94,9 +94,7 @@ def test_a_still_valid_access_token_is_not_handed_out_either(google_mailbox, goo
         get_access_token(google_mailbox)
 
 
-def test_another_smtp_host_of_the_same_oidc_issuer_is_another_provider(
-    settings, connect, smtp
-):
+def test_another_smtp_host_of_the_same_oidc_issuer_is_another_provider(settings, connect, smtp):
     settings.EMAIL_BACKEND = BACKEND
     mailbox = connect("alice")
     settings.MAILGOV_PROVIDERS["demo"]["smtp_port"] = smtp.port  # the same door: fine
@@ -179,9 +177,7 @@ def test_revoking_never_sends_the_refresh_token_to_another_provider(
     with token_endpoint_stub(StubReply(200, {})) as stub:
         # Another revocation endpoint under the same provider id: a moved
         # token endpoint is another issuer.
-        monkeypatch.setattr(
-            type(get_provider("google")), "token_endpoint", stub.url + "/token"
-        )
+        monkeypatch.setattr(type(get_provider("google")), "token_endpoint", stub.url + "/token")
         monkeypatch.setattr(type(get_provider("google")), "revocation_endpoint", stub.url)
         assert revoke_mailbox(google_mailbox, "user: disconnected").at_provider is None
         assert retry_revocations() == {"revoked": 0, "pending": 1, "refused": 0}

@@ -8,6 +8,10 @@
    Target: at most 2x raw.
 3. Key rotation: values re-encrypted per second over 100,000 rows, on SQLite
    and on PostgreSQL (when reachable at 127.0.0.1:5432). Target: 20,000/s.
+   Then the same rotation again, in a process of its own, while this process
+   sends (each send refreshes its token first): the longest send latency
+   during the rotation next to one batch's duration and to the longest send
+   latency with no rotation running.
 
 Not a test: nothing here asserts; it prints figures.
 """
@@ -169,15 +173,24 @@ def bench_vault(values: int) -> None:
 
 # -- 3. rotation -------------------------------------------------------------------
 def bench_rotation(rows: int) -> None:
+    import json
+    import statistics
+
+    from django.conf import settings
     from django.contrib.auth import get_user_model
+    from django.core.mail import send_mail
     from django.db import connection
     from django.test import override_settings
 
+    from mailgov.conf import mailgov_settings
     from mailgov.crypto import generate_key_entry, reset_keyring
     from mailgov.models import Mailbox, MailboxCredentials
     from mailgov.services import key_usage, rotate_keys
+    from mailgov.testing.ca import ensure_tls_files
+    from mailgov.testing.peers import free_port, start_authserver, start_smtpserver_process
+    from tests.conftest import REDIRECT_URI, SCOPES, connect_through_flow, provider_config
 
-    old, new = generate_key_entry("old"), generate_key_entry("new")
+    old, new, newer = (generate_key_entry(name) for name in ("old", "new", "newer"))
     owner, _ = get_user_model().objects.get_or_create(username="rotation-owner")
     MailboxCredentials.objects.all().delete()
     Mailbox.objects.all().delete()
@@ -202,9 +215,87 @@ def bench_rotation(rows: int) -> None:
         usage = key_usage()
     if usage != {"new": 2 * rows}:
         raise SystemExit(f"rotation left {usage}")
+    vendor = connection.vendor
     print(
-        f"rotation ({connection.vendor}): {result.rotated} values in {rows} rows, "
+        f"rotation ({vendor}): {result.rotated} values in {rows} rows, "
         f"{elapsed:.1f} s: {result.rotated / elapsed:,.0f} values/s (target 20,000)"
+    )
+
+    # The same rotation again (to a newer key), run by a process of its own
+    # as mailgov_rotate_keys is, while this process sends mail through a
+    # mailbox whose token is expired before every send: each send writes the
+    # credentials row (refresh), the mailbox and the send log.
+    work = Path(tempfile.mkdtemp(prefix="mailgov-bench-"))
+    tls = ensure_tls_files(work / "tls")
+    with start_authserver(work / "authserver", redirect_uris=[REDIRECT_URI]) as authserver:
+        port = free_port()
+        smtp = start_smtpserver_process(
+            authserver,
+            port=port,
+            tls_dir=tls.ca_cert.parent,
+            introspection_cache_seconds=300,
+            log_path=work / "smtp.log",
+            cwd=ROOT,
+        )
+        try:
+            settings.MAILGOV_PROVIDERS = {"demo": provider_config(authserver, port, tls)}
+            settings.EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
+            with override_settings(MAILGOV_ENCRYPTION_KEYS=[new, old]):
+                reset_keyring()
+                sender, _ = get_user_model().objects.get_or_create(username="alice")
+                mailbox = connect_through_flow(authserver, sender, "alice", SCOPES)
+
+            def send_one() -> float:
+                begin = time.perf_counter()
+                MailboxCredentials.objects.filter(pk=mailbox.pk).update(expires_at=None)
+                if send_mail("Rotation", "x", "alice@example.test", ["z@x.test"]) != 1:
+                    raise SystemExit("a send during rotation failed")
+                return time.perf_counter() - begin
+
+            with override_settings(MAILGOV_ENCRYPTION_KEYS=[newer, new, old]):
+                reset_keyring()
+                alone = [send_one() for _ in range(20)]
+                worker = subprocess.Popen(
+                    [sys.executable, "-m", "tests.workers.rotate"],
+                    cwd=ROOT,
+                    env={
+                        **os.environ,
+                        "MAILGOV_TEST_DB_NAME": str(connection.settings_dict["NAME"]),
+                        "MAILGOV_TEST_KEYS": json.dumps([newer, new, old]),
+                        "MAILGOV_TEST_BATCH_SIZE": str(mailgov_settings.ROTATION_BATCH_SIZE),
+                    },
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                during = []
+                while worker.poll() is None:
+                    during.append(send_one())
+                out, _ = worker.communicate()
+                if worker.returncode != 0:
+                    raise SystemExit("the rotation worker failed")
+                reset_keyring()
+                usage = key_usage()
+        finally:
+            smtp.stop()
+    if usage != {"newer": 2 * (rows + 1)}:
+        raise SystemExit(f"rotation while sending left {usage}")
+    report = json.loads(out.strip().splitlines()[-1])
+    ends = report["batch_ends"]
+    batches = [b - a for a, b in zip([report["started"], *ends], ends, strict=False)]
+    print(
+        f"  while sending ({vendor}): rotation {ends[-1] - report['started']:.1f} s in "
+        f"{len(ends)} batches of {mailgov_settings.ROTATION_BATCH_SIZE} rows, one batch "
+        f"{statistics.median(batches) * 1000:.0f} ms (longest {max(batches) * 1000:.0f} ms); "
+        f"{len(during)} sends"
+    )
+    print(
+        f"  send latency: alone median {statistics.median(alone) * 1000:.0f} ms, "
+        f"longest {max(alone) * 1000:.0f} ms; during rotation median "
+        f"{statistics.median(during) * 1000:.0f} ms, longest {max(during) * 1000:.0f} ms"
+    )
+    print(
+        f"rotation send latency ratio during/alone ({vendor}, longest): "
+        f"{max(during) / max(alone):.2f}"
     )
 
 

@@ -39,6 +39,11 @@ class Command(BaseCommand):
             f"Re-encrypted {result.rotated} values in {result.rows} rows "
             f"under key {keyring.primary_id!r}."
         )
+        if result.busy_rows:
+            self.stderr.write(
+                f"{len(result.busy_rows)} rows were rewritten by senders throughout the run "
+                "and still hold values under an old key; run the command again."
+            )
         if result.failed_rows:
             raise CommandError(
                 f"{len(result.failed_rows)} rows could not be decrypted and were left as they "

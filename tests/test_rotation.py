@@ -236,3 +236,46 @@ def test_sends_complete_while_a_rotation_of_many_batches_runs(connect, smtp, set
     assert SendLog.objects.filter(status="sent").count() == len(sends) + len(alone)
     mailbox.refresh_from_db()
     assert mailbox.status == Mailbox.Status.ACTIVE
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_row_written_by_a_sender_mid_batch_is_not_overwritten(owner, monkeypatch):
+    """Between the batch's read and its write, a sender refreshes one row (a
+    new access token under the primary key, the refresh token kept) and
+    revokes another (tokens wiped). Neither is overwritten by the rotation's
+    stale values; the first is rotated on a later pass, the second left wiped."""
+    from mailgov import services
+
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[OLD]):
+        reset_keyring()
+        refreshed, revoked, untouched = make_credentials(owner, 3)
+    original = services._write_sealed_if_unchanged
+    raced = []
+
+    def sender_writes_first(rows, fields):
+        if not raced:
+            raced.append(True)
+            row = MailboxCredentials.objects.get(pk=refreshed.pk)
+            row.access_token = "refreshed-meanwhile"
+            row.save()
+            MailboxCredentials.objects.filter(pk=revoked.pk).update(
+                access_token=None, refresh_token=None
+            )
+        return original(rows, fields)
+
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[NEW, OLD]):
+        reset_keyring()
+        monkeypatch.setattr(services, "_write_sealed_if_unchanged", sender_writes_first)
+        result = rotate_keys(batch_size=10)
+        assert raced
+        assert result.busy_rows == [] and result.failed_rows == []
+        # untouched: 2 values; refreshed: its old-key refresh token, next pass.
+        assert (result.rows, result.rotated) == (2, 3)
+        assert key_usage() == {"new": 4}
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[NEW]):
+        reset_keyring()
+        row = MailboxCredentials.objects.get(pk=refreshed.pk)
+        assert (row.access_token, row.refresh_token) == ("refreshed-meanwhile", "refresh-0")
+        row = MailboxCredentials.objects.get(pk=revoked.pk)
+        assert (row.access_token, row.refresh_token) == (None, None)
+        assert MailboxCredentials.objects.get(pk=untouched.pk).access_token == "access-2"

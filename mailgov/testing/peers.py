@@ -1,27 +1,38 @@
 """Start the peers mailgov talks to (servers in their own processes) for tests and demos.
 
 - ``ServerProcess``: a command in its own process group, its output in a log
-  file, "ready" once a TCP port accepts or an HTTP URL answers 2xx.
+  file, "ready" once a TCP port accepts or an HTTP URL answers 2xx. Given its
+  ``port``, it refuses to start while another server holds that port, whose
+  answers would otherwise pass for its own readiness.
 - ``start_authserver()``: the demo OAuth2/OIDC authorization server
   (``mailgov.testing.authserver``, shipped in the package) with a fresh data
   directory, migrated and seeded.
 
 Secrets (client secrets, passwords) reach child processes through the
 environment, never the command line, which any local user can read.
+
+Every child runs in a session of its own, so a terminal's Ctrl-C reaches only the
+Python process that started it, which stops it (``stop_process_group``): no child
+races that shutdown or prints a ``KeyboardInterrupt`` traceback of its own. A child
+is started inside ``deferred_signals()``, so a signal handler that raises (the
+default SIGINT one does) cannot strike between its start and the recording of its
+handle, and leave it running unseen.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -33,10 +44,14 @@ __all__ = [
     "AuthServer",
     "DemoUser",
     "PeerStartError",
+    "PortInUseError",
     "ServerProcess",
+    "deferred_signals",
     "free_port",
+    "port_is_free",
     "run_command",
     "start_authserver",
+    "stop_process_group",
 ]
 
 LOG_TAIL_LINES = 40
@@ -49,6 +64,63 @@ class PeerStartError(RuntimeError):
     """
 
 
+class PortInUseError(PeerStartError):
+    """A peer's port was taken before it started, so nothing was started.
+
+    Starting anyway would let the other server's answers pass for the peer's
+    readiness. ``port`` and ``host`` name the address.
+    """
+
+    def __init__(self, name: str, port: int, host: str = "127.0.0.1") -> None:
+        super().__init__(
+            f"{name}: port {port} on {host} is already in use (another server holds it)"
+        )
+        self.name = name
+        self.port = port
+        self.host = host
+
+
+# Stop requests: Ctrl-C, kill's default, a closed terminal.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back until the block ends, then deliver them.
+
+    For starting a child and recording its handle as one step: a handler that
+    raises (``KeyboardInterrupt``, or a program's own stop exception) between the
+    two would leave the child running with nobody to stop it. The Python-level
+    handlers are swapped for a recorder rather than the signals blocked, because a
+    child inherits a blocked signal mask across exec and would then ignore SIGTERM.
+    Signals whose handler is ``SIG_IGN`` stay ignored. Keep the block short: the
+    delivery waits for it. Outside the main thread (where no handler runs) it does
+    nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous: dict[int, Any] = {}
+
+    def record(signum: int, frame: Any) -> None:
+        received.append(signum)
+
+    try:
+        for signum in _STOP_SIGNALS:
+            handler = signal.getsignal(signum)
+            if handler in (signal.SIG_IGN, None):  # ignored, or not set from Python
+                continue
+            previous[signum] = signal.signal(signum, record)
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            # Runs the restored handler now; if it raises, the exception leaves the block.
+            signal.raise_signal(signum)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that was free a moment ago.
 
@@ -58,6 +130,22 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``host:port`` now.
+
+    Tried by binding, not by connecting: a port can be held by a socket that
+    never answers. ``SO_REUSEADDR`` is set as servers set it, so connections left
+    in TIME_WAIT by a server that just stopped do not count as holding the port.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -73,19 +161,48 @@ def _kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+def stop_process_group(popen: subprocess.Popen[Any], grace: float = 5.0) -> int:
+    """Stop a child started in its own session, with everything it spawned; return its status.
+
+    SIGTERM to its process group, SIGKILL after ``grace`` seconds. Idempotent; a
+    child that already exited is only reaped.
+    """
+    if popen.poll() is None:
+        _kill_group(popen.pid, signal.SIGTERM)
+        try:
+            popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            _kill_group(popen.pid, signal.SIGKILL)
+            popen.wait()
+    return popen.returncode
+
+
+# Started and not yet stopped, by start order; weak, so that a forgotten one is
+# still killed by its finalizer when collected.
+_running: weakref.WeakValueDictionary[int, ServerProcess] = weakref.WeakValueDictionary()
+_start_order = itertools.count()
+
+
 class ServerProcess:
     """A server command run in its own process group, output appended to ``log_path``.
 
     Ready means: ``ready_url`` answers with a 2xx status if given, else
     ``(ready_host, ready_port)`` accepts a TCP connection if given, else merely
-    started. ``start()`` returns only once ready; it raises ``PeerStartError``
-    (with the log tail) if the process exits first or ``timeout`` seconds pass,
-    and then the process group is already stopped.
+    started; and in each case the process still runs. ``start()`` returns only
+    once ready; it raises ``PeerStartError`` (with the log tail) if the process
+    exits first or ``timeout`` seconds pass, and then the process group is
+    already stopped; it stops it too if interrupted (``KeyboardInterrupt``).
+
+    ``port``, if given, is the port the server will listen on at ``ready_host``:
+    ``start()`` raises ``PortInUseError`` without starting anything if another
+    socket holds it, since that server's answers would pass for readiness.
 
     ``stop()`` sends SIGTERM to the whole group (the server and anything it
     spawned), SIGKILL after ``grace`` seconds; it is idempotent. Used as a context
     manager it starts on enter (if not yet started) and stops on exit. A process
     still running when the interpreter exits is stopped too.
+    ``ServerProcess.running()`` lists those started and not yet stopped, for a
+    program that must stop everything on its way out.
     """
 
     def __init__(
@@ -100,6 +217,7 @@ class ServerProcess:
         ready_host: str = "127.0.0.1",
         timeout: float = 30.0,
         name: str | None = None,
+        port: int | None = None,
     ) -> None:
         self.args = list(args)
         self.log_path = Path(log_path)
@@ -110,9 +228,19 @@ class ServerProcess:
         self.ready_host = ready_host
         self.timeout = timeout
         self.name = name or Path(self.args[0]).name
+        self.port = port
         self.popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._finalizer: weakref.finalize | None = None
+        self._order: int | None = None
+
+    @classmethod
+    def running(cls) -> list[ServerProcess]:
+        """Every ``ServerProcess`` started in this interpreter and not yet stopped, oldest first.
+
+        A process counts from the moment it is spawned, before ``start()`` returns.
+        """
+        return [process for _, process in sorted(_running.items())]
 
     @property
     def pid(self) -> int | None:
@@ -130,22 +258,29 @@ class ServerProcess:
         """Start the process and wait until it is ready; see the class docstring."""
         if self.popen is not None:
             raise RuntimeError(f"{self.name} was already started")
+        if self.port is not None and not port_is_free(self.port, self.ready_host):
+            raise PortInUseError(self.name, self.port, self.ready_host)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
-        self.popen = subprocess.Popen(
-            self.args,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            cwd=self.cwd,
-            # Own session, so its group can be signalled without touching ours
-            # (and a Ctrl-C in the terminal does not race our own shutdown).
-            start_new_session=True,
-        )
-        # If a test forgets stop(), do not leave a server behind at exit.
-        self._finalizer = weakref.finalize(self, _kill_group, self.popen.pid, signal.SIGKILL)
         try:
+            with deferred_signals():
+                self.popen = subprocess.Popen(
+                    self.args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=self._log,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    cwd=self.cwd,
+                    # Own session, so its group can be signalled without touching ours
+                    # (and a Ctrl-C in the terminal does not race our own shutdown).
+                    start_new_session=True,
+                )
+                self._order = next(_start_order)
+                _running[self._order] = self
+                # If a test forgets stop(), do not leave a server behind at exit.
+                self._finalizer = weakref.finalize(
+                    self, _kill_group, self.popen.pid, signal.SIGKILL
+                )
             self._wait_ready()
         except BaseException:
             self.stop()
@@ -164,7 +299,9 @@ class ServerProcess:
                         f"{self.name} exited with status {self.popen.returncode} before it "
                         f"was ready; log {self.log_path}:\n{self.log_tail()}"
                     )
-                if self._is_ready(session):
+                # Still running once ready: a server that could not bind and
+                # exited must not pass for ready on another server's answer.
+                if self._is_ready(session) and self.popen.poll() is None:
                     return
                 if time.monotonic() > deadline:
                     raise PeerStartError(
@@ -193,14 +330,13 @@ class ServerProcess:
     def stop(self, grace: float = 5.0) -> int | None:
         """Stop the process group; return the exit status (``None`` if never started)."""
         if self.popen is None:
+            if self._log is not None:  # interrupted before it was spawned
+                self._log.close()
+                self._log = None
             return None
-        if self.popen.poll() is None:
-            _kill_group(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                _kill_group(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
+        stop_process_group(self.popen, grace)
+        if self._order is not None:
+            _running.pop(self._order, None)
         if self._finalizer is not None:
             self._finalizer.detach()
         if self._log is not None:
@@ -232,31 +368,41 @@ def run_command(
 ) -> None:
     """Run a one-shot command to completion, output appended to ``log_path``.
 
-    Raises ``PeerStartError`` with the log tail if it fails or times out.
+    Raises ``PeerStartError`` with the log tail if it fails or times out. The
+    command runs in its own session; if it times out or the wait is interrupted
+    (``KeyboardInterrupt``, any exception a signal handler raises), its process
+    group is stopped before the exception leaves.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         log.write(f"$ {' '.join(args)}\n".encode())
         log.flush()
+        popen: subprocess.Popen[bytes] | None = None
         try:
-            completed = subprocess.run(
-                list(args),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=dict(env) if env is not None else None,
-                cwd=cwd,
-                timeout=timeout,
-                check=False,
-            )
+            with deferred_signals():
+                popen = subprocess.Popen(
+                    list(args),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=dict(env) if env is not None else None,
+                    cwd=cwd,
+                    start_new_session=True,
+                )
+            returncode = popen.wait(timeout)
         except subprocess.TimeoutExpired:
+            stop_process_group(popen)
             raise PeerStartError(
                 f"{' '.join(args[:4])} timed out after {timeout:g} s; "
                 f"log {log_path}:\n{_tail(log_path)}"
             ) from None
-    if completed.returncode != 0:
+        except BaseException:
+            if popen is not None:
+                stop_process_group(popen)
+            raise
+    if returncode != 0:
         raise PeerStartError(
-            f"{' '.join(args[:4])} failed with status {completed.returncode}; "
+            f"{' '.join(args[:4])} failed with status {returncode}; "
             f"log {log_path}:\n{_tail(log_path)}"
         )
 
@@ -343,7 +489,8 @@ def start_authserver(
 
     ``data_dir`` holds its database, keys and ``authserver.log`` (created if
     missing; reusing one keeps its users and tokens). ``port`` defaults to a free
-    one. Client secrets and user passwords (``user_passwords``, by username) are
+    one; a given ``port`` that is taken raises ``PortInUseError`` before anything
+    runs. Client secrets and user passwords (``user_passwords``, by username) are
     random unless given, and returned in the ``AuthServer``. ``fast_hashing`` (on
     by default: this is a throw-away server) stores them with MD5 rather than
     PBKDF2, which otherwise costs about 0.3 s per client authentication. The
@@ -352,6 +499,9 @@ def start_authserver(
     document answers 200; the caller stops it with ``.stop()`` or a ``with``
     block. Raises ``PeerStartError`` (with the log tail) on failure.
     """
+    if port and not port_is_free(port):
+        # Before migrating: no point in preparing a server that cannot listen.
+        raise PortInUseError("authserver", port)
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -417,6 +567,7 @@ def start_authserver(
         ready_url=f"{url}/.well-known/openid-configuration",
         timeout=timeout,
         name="authserver",
+        port=port,
     ).start()
     return AuthServer(
         url=url,
@@ -451,7 +602,7 @@ def start_smtpserver_process(
     with its SMTP client, whose secret reaches the process by environment.
     ``password_accounts`` (address to password) enable PLAIN/LOGIN for
     throw-away accounts, e.g. to measure Django's stock backend. Returns once
-    the port accepts connections.
+    the port accepts connections; raises ``PortInUseError`` if it was taken before.
     """
     args = [
         python,
@@ -484,4 +635,5 @@ def start_smtpserver_process(
         cwd=cwd,
         ready_port=port,
         name="smtpserver",
+        port=port,
     ).start()

@@ -33,6 +33,16 @@ def message(**fields) -> EmailMessage:
     return EmailMessage(**{**defaults, **fields})
 
 
+def with_part(name: str, value: str, subtype: str = "octet-stream") -> EmailMessage:
+    """A message with one attached MIME part whose header ``name`` is ``value``."""
+    part = MIMEBase("application", subtype)
+    part.set_payload(b"x")
+    part[name] = value
+    mail = message()
+    mail.attach(part)
+    return mail
+
+
 @pytest.mark.parametrize("char", FORBIDDEN, ids=repr)
 def test_a_control_character_in_an_attachment_filename_is_refused(char):
     mail = message()
@@ -52,11 +62,9 @@ def test_an_encoded_line_break_in_an_attachment_filename_is_refused(filename):
 def test_an_rfc2231_parameter_is_checked_as_decoded():
     # filename*=utf-8''...%0D%0A...: the raw header holds no control
     # character, the decoded parameter does.
-    part = MIMEBase("application", "octet-stream")
-    part.set_payload(b"x")
-    part["Content-Disposition"] = "attachment; filename*=utf-8''a%0D%0ABcc%3A%20e%40x.test"
-    mail = message()
-    mail.attach(part)
+    mail = with_part(
+        "Content-Disposition", "attachment; filename*=utf-8''a%0D%0ABcc%3A%20e%40x.test"
+    )
     with pytest.raises(InvalidMessageError, match="Content-Disposition header of MIME part 2"):
         prepare_message(mail)
 
@@ -71,21 +79,13 @@ def test_an_attachment_mimetype_with_a_line_break_is_refused():
 @pytest.mark.parametrize("char", ["\x0b", "\x85", "\u2028", "\x00"], ids=repr)
 @pytest.mark.parametrize("header", ["X-Note", "Content-ID", "Content-Description"])
 def test_any_header_of_a_custom_part_is_checked(header, char):
-    part = MIMEBase("application", "octet-stream")
-    part.set_payload(b"x")
-    part[header] = f"a{char}Bcc: e@x.test"
-    mail = message()
-    mail.attach(part)
+    mail = with_part(header, f"a{char}Bcc: e@x.test")
     with pytest.raises(InvalidMessageError, match=f"The {header} header of MIME part 2"):
         prepare_message(mail)
 
 
 def test_an_invalid_header_name_in_a_part_is_refused():
-    part = MIMEBase("application", "octet-stream")
-    part.set_payload(b"x")
-    part["Bad Name"] = "v"
-    mail = message()
-    mail.attach(part)
+    mail = with_part("Bad Name", "v")
     with pytest.raises(InvalidMessageError, match=r"MIME part 2 .* invalid name"):
         prepare_message(mail)
 

@@ -19,12 +19,15 @@ Not a test: nothing here asserts; it prints figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,34 +46,30 @@ def setup_django(var_dir: Path, database_url: str | None = None) -> None:
     call_command("migrate", "--no-input", verbosity=0)
 
 
-# -- 1. sending -------------------------------------------------------------------
-def bench_send(messages: int, batch: int, rounds: int) -> None:
-    import secrets
-    import ssl
-
+@contextlib.contextmanager
+def peers(password_accounts: dict[str, str] | None = None) -> Iterator[tuple[Any, int, Any]]:
+    """The demo authorization server and SMTP server in processes of their own,
+    with the ``demo`` provider pointed at them and alice's mailbox connected.
+    Yields ``(authserver, smtp port, TLS files)``."""
     from django.conf import settings
     from django.contrib.auth import get_user_model
-    from django.core.mail import EmailMessage
-    from django.core.mail.backends.smtp import EmailBackend as StockBackend
 
-    from mailgov.backends.smtp import EmailBackend as MailgovBackend
     from mailgov.testing.ca import ensure_tls_files
     from mailgov.testing.peers import free_port, start_authserver, start_smtpserver_process
     from tests.conftest import REDIRECT_URI, SCOPES, connect_through_flow, provider_config
 
     work = Path(tempfile.mkdtemp(prefix="mailgov-bench-"))
     tls = ensure_tls_files(work / "tls")
-    password = secrets.token_urlsafe(16)
     with start_authserver(work / "authserver", redirect_uris=[REDIRECT_URI]) as authserver:
         port = free_port()
         smtp = start_smtpserver_process(
             authserver,
             port=port,
             tls_dir=tls.ca_cert.parent,
-            password_accounts={"bench@example.test": password},
+            password_accounts=password_accounts or {},
             # A provider checks its own tokens without a network round trip;
             # caching the demo server's introspection answer keeps that cost
-            # out of a figure meant to compare the two clients.
+            # out of figures meant to measure the client.
             introspection_cache_seconds=300,
             log_path=work / "smtp.log",
             cwd=ROOT,
@@ -79,54 +78,69 @@ def bench_send(messages: int, batch: int, rounds: int) -> None:
             settings.MAILGOV_PROVIDERS = {"demo": provider_config(authserver, port, tls)}
             owner, _ = get_user_model().objects.get_or_create(username="alice")
             connect_through_flow(authserver, owner, "alice", SCOPES)
-
-            def stock_backend():
-                backend = StockBackend(
-                    host="127.0.0.1",
-                    port=port,
-                    username="bench@example.test",
-                    password=password,
-                    use_tls=True,
-                    timeout=30,
-                )
-                backend.ssl_context = ssl.create_default_context(cafile=str(tls.ca_cert))
-                return backend
-
-            def run(make_backend, sender: str) -> float:
-                batches = [
-                    [
-                        EmailMessage(
-                            f"Benchmark {i + j}",
-                            "A short body.\n" * 5,
-                            sender,
-                            ["recipient@example.test"],
-                        )
-                        for j in range(batch)
-                    ]
-                    for i in range(0, messages, batch)
-                ]
-                start = time.perf_counter()
-                sent = 0
-                for group in batches:
-                    sent += make_backend().send_messages(group)
-                elapsed = time.perf_counter() - start
-                if sent != messages:
-                    raise SystemExit(f"only {sent} of {messages} messages were sent")
-                return messages / elapsed
-
-            run(stock_backend, "bench@example.test")  # warm-up
-            run(MailgovBackend, "alice@example.test")
-            stock, ours = [], []
-            for _ in range(rounds):
-                stock.append(run(stock_backend, "bench@example.test"))
-                ours.append(run(MailgovBackend, "alice@example.test"))
-            best_stock, best_ours = max(stock), max(ours)
-            print(f"send: {messages} messages in batches of {batch}, best of {rounds} rounds")
-            print(f"  stock SMTP backend (password): {best_stock:8.0f} messages/s")
-            print(f"  mailgov backend (XOAUTH2):     {best_ours:8.0f} messages/s")
-            print(f"send ratio mailgov/stock: {best_ours / best_stock:.2f}")
+            yield authserver, port, tls
         finally:
             smtp.stop()
+
+
+# -- 1. sending -------------------------------------------------------------------
+def bench_send(messages: int, batch: int, rounds: int) -> None:
+    import secrets
+    import ssl
+
+    from django.core.mail import EmailMessage
+    from django.core.mail.backends.smtp import EmailBackend as StockBackend
+
+    from mailgov.backends.smtp import EmailBackend as MailgovBackend
+
+    password = secrets.token_urlsafe(16)
+    with peers({"bench@example.test": password}) as (_authserver, port, tls):
+
+        def stock_backend():
+            backend = StockBackend(
+                host="127.0.0.1",
+                port=port,
+                username="bench@example.test",
+                password=password,
+                use_tls=True,
+                timeout=30,
+            )
+            backend.ssl_context = ssl.create_default_context(cafile=str(tls.ca_cert))
+            return backend
+
+        def run(make_backend, sender: str) -> float:
+            batches = [
+                [
+                    EmailMessage(
+                        f"Benchmark {i + j}",
+                        "A short body.\n" * 5,
+                        sender,
+                        ["recipient@example.test"],
+                    )
+                    for j in range(batch)
+                ]
+                for i in range(0, messages, batch)
+            ]
+            start = time.perf_counter()
+            sent = 0
+            for group in batches:
+                sent += make_backend().send_messages(group)
+            elapsed = time.perf_counter() - start
+            if sent != messages:
+                raise SystemExit(f"only {sent} of {messages} messages were sent")
+            return messages / elapsed
+
+        run(stock_backend, "bench@example.test")  # warm-up
+        run(MailgovBackend, "alice@example.test")
+        stock, ours = [], []
+        for _ in range(rounds):
+            stock.append(run(stock_backend, "bench@example.test"))
+            ours.append(run(MailgovBackend, "alice@example.test"))
+        best_stock, best_ours = max(stock), max(ours)
+        print(f"send: {messages} messages in batches of {batch}, best of {rounds} rounds")
+        print(f"  stock SMTP backend (password): {best_stock:8.0f} messages/s")
+        print(f"  mailgov backend (XOAUTH2):     {best_ours:8.0f} messages/s")
+        print(f"send ratio mailgov/stock: {best_ours / best_stock:.2f}")
 
 
 # -- 2. the vault ------------------------------------------------------------------
@@ -186,9 +200,6 @@ def bench_rotation(rows: int) -> None:
     from mailgov.crypto import generate_key_entry, reset_keyring
     from mailgov.models import Mailbox, MailboxCredentials
     from mailgov.services import key_usage, rotate_keys
-    from mailgov.testing.ca import ensure_tls_files
-    from mailgov.testing.peers import free_port, start_authserver, start_smtpserver_process
-    from tests.conftest import REDIRECT_URI, SCOPES, connect_through_flow, provider_config
 
     old, new, newer = (generate_key_entry(name) for name in ("old", "new", "newer"))
     owner, _ = get_user_model().objects.get_or_create(username="rotation-owner")
@@ -225,25 +236,11 @@ def bench_rotation(rows: int) -> None:
     # as mailgov_rotate_keys is, while this process sends mail through a
     # mailbox whose token is expired before every send: each send writes the
     # credentials row (refresh), the mailbox and the send log.
-    work = Path(tempfile.mkdtemp(prefix="mailgov-bench-"))
-    tls = ensure_tls_files(work / "tls")
-    with start_authserver(work / "authserver", redirect_uris=[REDIRECT_URI]) as authserver:
-        port = free_port()
-        smtp = start_smtpserver_process(
-            authserver,
-            port=port,
-            tls_dir=tls.ca_cert.parent,
-            introspection_cache_seconds=300,
-            log_path=work / "smtp.log",
-            cwd=ROOT,
-        )
-        try:
-            settings.MAILGOV_PROVIDERS = {"demo": provider_config(authserver, port, tls)}
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[new, old]):
+        reset_keyring()
+        with peers():
             settings.EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
-            with override_settings(MAILGOV_ENCRYPTION_KEYS=[new, old]):
-                reset_keyring()
-                sender, _ = get_user_model().objects.get_or_create(username="alice")
-                mailbox = connect_through_flow(authserver, sender, "alice", SCOPES)
+            mailbox = Mailbox.objects.get(address="alice@example.test")
 
             def send_one() -> float:
                 begin = time.perf_counter()
@@ -275,8 +272,6 @@ def bench_rotation(rows: int) -> None:
                     raise SystemExit("the rotation worker failed")
                 reset_keyring()
                 usage = key_usage()
-        finally:
-            smtp.stop()
     if usage != {"newer": 2 * (rows + 1)}:
         raise SystemExit(f"rotation while sending left {usage}")
     report = json.loads(out.strip().splitlines()[-1])

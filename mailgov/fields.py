@@ -155,6 +155,23 @@ class EncryptedTextField(models.TextField):
             "is never written through update(), bulk_update() or a lookup."
         )
 
+    #: The only lookups an encrypted column takes: equality with a stored
+    #: ciphertext (a value read from a row), membership, null. Pattern and
+    #: range lookups (``startswith``, ``iexact``, ``regex``, ``gt`` ...) would
+    #: compare plaintext with ciphertext, and Django hands the pattern ones
+    #: their argument without get_prep_value(): into the SQL parameters, and
+    #: from there into the database's log and django.db.backends' DEBUG log.
+    ALLOWED_LOOKUPS = frozenset({"exact", "in", "isnull"})
+
+    def get_lookup(self, lookup_name: str) -> Any:
+        if lookup_name not in self.ALLOWED_LOOKUPS:
+            raise TypeError(
+                f"{self.model._meta.label}.{self.name} is encrypted: the {lookup_name!r} "
+                "lookup cannot be used on it (only exact with a stored value, in and "
+                "isnull); plaintext is never used in a lookup."
+            )
+        return super().get_lookup(lookup_name)
+
     def to_python(self, value: Any) -> Any:
         # Used by deserializers (loaddata): what dumpdata wrote is ciphertext.
         if isinstance(value, str) and crypto.is_envelope(value):

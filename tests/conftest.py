@@ -265,15 +265,22 @@ def secrets_of(mailbox: Mailbox) -> list[str]:
 
 @pytest.fixture
 def leak_check(caplog, capsys) -> Callable[[list[str]], None]:
-    """Collect every log record (DEBUG and up); ``check(values)`` greps all output."""
+    """Collect every log record (DEBUG and up) of the setup and call phases and
+    all output since this fixture was set up; ``check(values)`` greps them all.
+
+    List it before the fixtures that handle tokens, so that what they log or
+    print is captured too (capsys captures from its own set-up on)."""
     caplog.set_level(logging.DEBUG)
+    formatter = logging.Formatter()
 
     def check(values: list[str]) -> None:
         captured = capsys.readouterr()
+        records = [*caplog.get_records("setup"), *caplog.get_records("call")]
         text = "\n".join(
             [caplog.text, captured.out, captured.err]
-            + [str(r.args) for r in caplog.records]
-            + [str(getattr(r, "exc_text", "") or "") for r in caplog.records]
+            + [formatter.format(r) for r in records]
+            + [str(r.args) for r in records]
+            + [str(getattr(r, "exc_text", "") or "") for r in records]
         )
         for value in values:
             assert value and value not in text, "a secret reached the logs or output"

@@ -17,10 +17,12 @@ from django.utils import timezone
 from mailgov.backends.smtp import xoauth2_initial_response
 from mailgov.exceptions import MailboxUnavailableError
 from mailgov.models import Mailbox, MailboxCredentials, SendLog
-from mailgov.providers import OIDCProvider
-from mailgov.services import revoke_mailbox
+from mailgov.providers import MicrosoftProvider, OIDCProvider, TokenResponse
+from mailgov.services import connect_mailbox, retry_revocations, revoke_mailbox
+from mailgov.tokens import get_access_token
 from tests.conftest import assert_refresh_token_revoked, refresh_token_state, secrets_of
 from tests.stubs import StubReply, token_endpoint_stub
+from tests.test_tokens import refresh_tokens_issued
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -63,7 +65,7 @@ def test_admin_pages_show_no_token(used_mailbox, admin_client):
     assert admin_client.get("/admin/mailgov/mailbox/add/").status_code == 403
 
 
-def test_full_dump_and_audit_trail_hold_no_token(used_mailbox, leak_check):
+def test_full_dump_and_audit_trail_hold_no_token(leak_check, used_mailbox):
     mailbox, tokens = used_mailbox
     out = io.StringIO()
     call_command("dumpdata", stdout=out)
@@ -150,3 +152,79 @@ def test_pending_revocations_are_retried(connect, smtp, authserver, monkeypatch)
     assert "revoked: 1" in out.getvalue()
     assert MailboxCredentials.objects.get(pk=mailbox.pk).refresh_token is None
     assert_refresh_token_revoked(authserver, refresh)
+
+
+# -- from the mutation review: revocation outcomes --
+def test_revoking_a_microsoft_mailbox_deletes_both_tokens(settings, site_user):
+    settings.MAILGOV_PROVIDERS = {"microsoft": {"client_id": "cid", "client_secret": "s"}}
+    mailbox = connect_mailbox(
+        owner=site_user("alice"),
+        provider_id="microsoft",
+        response=TokenResponse(
+            "eyJ-access", "M.C105-refresh", 3600, ["https://outlook.office.com/SMTP.Send"]
+        ),
+        address="alice@contoso.example",
+        requested_scopes=[],
+    )
+    assert MicrosoftProvider("microsoft", {"client_id": "c"}).revocation_endpoint is None
+    result = revoke_mailbox(mailbox, "user: disconnected")
+    assert result.at_provider is False  # no endpoint: an administrator's step
+    mailbox.refresh_from_db()
+    assert mailbox.status == Mailbox.Status.REVOKED
+    assert secrets_of(mailbox) == []  # nothing left here to retry with or leak
+    assert retry_revocations() == {"revoked": 0, "pending": 0, "refused": 0}
+
+
+def test_a_refused_revocation_is_not_kept_for_a_retry(connect, monkeypatch):
+    mailbox = connect("alice")
+    with token_endpoint_stub(StubReply(400, {"error": "unsupported_token_type"})) as stub:
+        monkeypatch.setattr(OIDCProvider, "revocation_endpoint", property(lambda self: stub.url))
+        result = revoke_mailbox(mailbox, "user: disconnected")
+    assert result.at_provider is False
+    assert MailboxCredentials.objects.get(pk=mailbox.pk).refresh_token is None
+
+
+def test_a_retry_the_provider_refuses_ends_the_retries(connect, monkeypatch):
+    mailbox = connect("alice")
+    with token_endpoint_stub(
+        StubReply(503, {}), StubReply(400, {"error": "invalid_request"})
+    ) as stub:
+        monkeypatch.setattr(OIDCProvider, "revocation_endpoint", property(lambda self: stub.url))
+        assert revoke_mailbox(mailbox, "user: disconnected").at_provider is None
+        out = io.StringIO()
+        call_command("mailgov_retry_revocations", stdout=out)
+    assert "refused: 1" in out.getvalue()
+    assert MailboxCredentials.objects.get(pk=mailbox.pk).refresh_token is None
+    assert retry_revocations() == {"revoked": 0, "pending": 0, "refused": 0}
+
+
+def test_retrying_revocations_leaves_other_mailboxes_alone(connect, authserver, monkeypatch):
+    alice = connect("alice")
+    bob = connect("bob")
+    bobs_tokens = secrets_of(bob)
+    with token_endpoint_stub(StubReply(503, {})) as stub:
+        monkeypatch.setattr(OIDCProvider, "revocation_endpoint", property(lambda self: stub.url))
+        assert revoke_mailbox(alice, "user: disconnected").at_provider is None
+        counts = retry_revocations()
+    # Only alice's pending revocation was tried, and only her token sent.
+    assert counts == {"revoked": 0, "pending": 1, "refused": 0}
+    assert [r["token"] for r in stub.requests] == [[secrets_of(alice)[0]]] * 2
+    assert secrets_of(bob) == bobs_tokens
+    # Bob's grant still works at the authorization server.
+    MailboxCredentials.objects.filter(pk=bob.pk).update(expires_at=None)
+    before = refresh_tokens_issued(authserver, "bob")
+    assert get_access_token(bob) != bobs_tokens[0]
+    assert refresh_tokens_issued(authserver, "bob") == before + 1
+
+
+# -- from the mutation review: status read only --
+def test_the_admin_cannot_change_a_mailboxs_status(connect, smtp, admin_client):
+    mailbox = connect("alice")
+    Mailbox.objects.filter(pk=mailbox.pk).update(status=Mailbox.Status.REVOKED)
+    url = f"/admin/mailgov/mailbox/{mailbox.pk}/change/"
+    page = admin_client.get(url).content.decode()
+    assert 'name="status"' not in page
+    response = admin_client.post(url, {"status": "active", "_save": "Save"})
+    assert response.status_code in (200, 302)
+    mailbox.refresh_from_db()
+    assert mailbox.status == Mailbox.Status.REVOKED

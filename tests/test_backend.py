@@ -27,13 +27,14 @@ from mailgov.exceptions import (
     SMTPSecurityError,
 )
 from mailgov.models import Mailbox, MailboxCredentials, SendLog
-from mailgov.providers import GoogleProvider, TokenResponse, get_provider
+from mailgov.providers import GoogleProvider, MicrosoftProvider, TokenResponse, get_provider
 from mailgov.services import bind_mailboxes, connect_mailbox
 from mailgov.signals import mailbox_needs_reconsent
 from mailgov.testing.smtpserver import SubmissionServer
+from mailgov.validation import DJANGO_HEADERS, _check_header_block
 from tests.conftest import secrets_of
 from tests.stubs import StubReply, token_endpoint_stub
-from tests.test_tokens import refresh_tokens_issued
+from tests.test_tokens import raised_by, refresh_tokens_issued, report_of
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -49,7 +50,7 @@ def auth_lines(server) -> list[str]:
     return [line for line in server.transcript if line.upper().startswith("AUTH")]
 
 
-def test_send_mail_end_to_end(connect, smtp, leak_check):
+def test_send_mail_end_to_end(leak_check, connect, smtp):
     mailbox = connect("alice")
     assert mailbox.status == Mailbox.Status.ACTIVE
     assert mailbox.address == "alice@example.test"
@@ -601,3 +602,214 @@ def test_an_untrusted_token_endpoint_is_never_silenced(settings, site_user, monk
             send_mail("x", "x", "alice@gmail.example", ["z@x.test"], fail_silently=True)
         assert stub.requests == []
     assert secrets_of(mailbox) == ["ya29.a", "1//r"]
+
+
+# -- from the mutation review: auth replies --
+class ScriptedConnection:
+    """smtplib.SMTP after STARTTLS and EHLO: offers XOAUTH2, answers as scripted."""
+
+    def __init__(self, *replies: tuple[int, bytes]):
+        self.esmtp_features = {"auth": "XOAUTH2 PLAIN-CLIENTTOKEN"}
+        self.replies = list(replies)
+        self.commands: list[str] = []
+
+    def docmd(self, cmd: str, args: str = "") -> tuple[int, bytes]:
+        self.commands.append(cmd)
+        return self.replies.pop(0)
+
+
+def authenticate(*replies):
+    backend = EmailBackend()
+    backend.connection = connection = ScriptedConnection(*replies)
+    try:
+        backend._authenticate("alice@example.test", "ya29.scripted-token")
+    finally:
+        backend.connection = None
+    return connection
+
+
+def test_a_503_reply_to_auth_is_never_a_login():
+    with pytest.raises(smtplib.SMTPResponseException) as info:
+        authenticate((503, b"5.5.1 Bad sequence of commands"))
+    assert info.value.smtp_code == 503
+    # A transport error, not a refused credential: the grant is left alone.
+    assert not isinstance(info.value, smtplib.SMTPAuthenticationError)
+
+
+@pytest.mark.parametrize(
+    "replies",
+    [
+        [(534, b"5.7.9 Please log in with your web browser and then try again")],
+        [(535, b"5.7.8 Username and Password not accepted")],
+        [(334, b"eyJzdGF0dXMiOiI0MDAifQ=="), (535, b"5.7.8 Username and Password not accepted")],
+        [(334, b"eyJzdGF0dXMiOiI0MDAifQ=="), (534, b"5.7.14 Please log in")],
+    ],
+    ids=["534", "535", "334-then-535", "334-then-534"],
+)
+def test_534_and_535_are_refused_credentials(replies):
+    with pytest.raises(smtplib.SMTPAuthenticationError) as info:
+        authenticate(*replies)
+    assert info.value.smtp_code == replies[-1][0]
+
+
+def test_the_json_challenge_is_answered_with_an_empty_line():
+    connection = authenticate((334, b"eyJzdGF0dXMiOiI0MDAifQ=="), (235, b"2.7.0 Accepted"))
+    assert connection.commands == ["AUTH", ""]
+
+
+# -- from the mutation review: tls context --
+@pytest.mark.parametrize("which", ["demo", "google", "microsoft"])
+def test_the_tls_context_verifies_and_needs_tls_1_2(demo_provider, which):
+    provider = {
+        "demo": lambda: get_provider("demo"),
+        "google": lambda: GoogleProvider("google", {"client_id": "c"}),
+        "microsoft": lambda: MicrosoftProvider("microsoft", {"client_id": "c"}),
+    }[which]()
+    context = EmailBackend().ssl_context_for(provider)
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname is True
+    assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+# -- from the mutation review: header checks --
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"subject": "Hi\u2028Bcc: evil@x.test"},
+        {"subject": "Hi\u2029there"},
+        {"subject": "Hi\x85there"},
+        {"headers": {"X-Custom": "v\u2028Bcc: evil@x.test"}},
+        {"to": ["Bob\u2028Bcc: evil@x.test <bob@example.test>"]},
+        # Every label within 63 characters, the whole address over 254.
+        {"to": ["x@" + ".".join(["d" * 60] * 5) + ".test"]},
+        {"from_email": ("a" * 64) + "@" + ".".join(["d" * 60] * 4) + ".test"},
+    ],
+    ids=[
+        "u2028-subject",
+        "u2029-subject",
+        "nel-subject",
+        "u2028-header",
+        "u2028-name",
+        "long-to",
+        "long-from",
+    ],
+)
+def test_more_bad_messages_refused_before_any_network_io(connect, smtp, change):
+    connect("alice")
+    fields = {
+        "subject": "Hi",
+        "body": "x",
+        "from_email": "alice@example.test",
+        "to": ["bob@example.test"],
+        **change,
+    }
+    smtp.clear()
+    with pytest.raises(InvalidMessageError):
+        get_connection(fail_silently=True).send_messages([EmailMessage(**fields)])
+    assert smtp.connections == 0
+    assert SendLog.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"Subject: Hi\r\nBcc: evil@x.test",  # a header line nobody asked for
+        b"Subject: Hi\r\nX-Evil: 1",
+        b"Subject: Hi\x0bthere",  # control characters in the serialized block
+        b"Subject: Hi\x0cthere",
+        b"Subject: Hi\x1bthere",
+        b"Subject: Hi\x7fthere",
+        b"Subject: Hi\rBcc: evil@x.test",  # a bare CR
+    ],
+)
+def test_the_serialized_header_block_is_checked_on_its_own(head):
+    with pytest.raises(InvalidMessageError):
+        _check_header_block(head + b"\r\nTo: bob@example.test\r\n\r\nbody", DJANGO_HEADERS)
+
+
+def test_the_serialized_header_block_passes_what_was_asked_for():
+    data = b"Subject: Hi\r\n =?utf-8?q?caf=C3=A9?=\r\nX-Custom: v\r\n\r\nBcc: in the body is fine"
+    _check_header_block(data, DJANGO_HEADERS | {"x-custom"})
+
+
+def test_bcc_and_cc_count_against_the_recipient_limit(connect, smtp, settings):
+    connect("alice")
+    settings.MAILGOV_PROVIDERS["demo"]["max_recipients_per_message"] = 5
+    message = EmailMessage(
+        "x",
+        "x",
+        "alice@example.test",
+        ["to@x.test"],
+        cc=["c1@x.test", "c2@x.test"],
+        bcc=[f"b{n}@x.test" for n in range(3)],
+    )
+    with pytest.raises(InvalidMessageError, match="6 recipients exceed"):
+        message.send()
+    assert smtp.connections == 0
+
+
+# -- from the mutation review: open never silences security --
+def test_open_never_silences_a_missing_starttls(connect, smtp):
+    mailbox = connect("alice")
+    smtp.faults.no_starttls = True
+    backend = get_connection(mailbox=mailbox, fail_silently=True)
+    with pytest.raises(SMTPSecurityError, match="STARTTLS"):
+        backend.open()
+    assert backend.connection is None
+    assert auth_lines(smtp) == []
+
+
+def test_open_never_silences_an_untrusted_certificate(connect, smtp):
+    mailbox = connect("alice")
+    smtp.faults.untrusted_certificate = True
+    with (
+        pytest.raises(ssl.SSLCertVerificationError),
+        get_connection(mailbox=mailbox, fail_silently=True),
+    ):
+        pass
+    assert auth_lines(smtp) == []
+
+
+# -- from the mutation review: provider recipient limits --
+@pytest.mark.parametrize(
+    ("provider_id", "scope", "limit"),
+    [
+        ("google", "https://mail.google.com/", 100),
+        ("microsoft", "https://outlook.office.com/SMTP.Send", 500),
+    ],
+)
+def test_built_in_recipient_limits(settings, site_user, provider_id, scope, limit):
+    settings.EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
+    settings.MAILGOV_PROVIDERS = {provider_id: {"client_id": "c"}}
+    connect_mailbox(
+        owner=site_user("alice"),
+        provider_id=provider_id,
+        response=TokenResponse("a", "r", 3600, [scope]),
+        address="alice@corp.example",
+        requested_scopes=[],
+    )
+    message = EmailMessage(
+        "x",
+        "x",
+        "alice@corp.example",
+        ["to@x.test"],
+        bcc=[f"r{n}@x.test" for n in range(limit)],
+    )
+    with pytest.raises(
+        InvalidMessageError, match=f"{limit + 1} recipients exceed .* limit of {limit}"
+    ):
+        message.send()
+    assert SendLog.objects.count() == 0
+
+
+def test_a_refused_login_report_hides_the_access_token(connect, other_server, settings):
+    settings.EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
+    mailbox = connect("alice")
+    server = other_server(introspection_url=None, password_accounts={"p@x.test": "pw"})
+    settings.MAILGOV_PROVIDERS["demo"]["smtp_port"] = server.port
+    exc = raised_by(lambda: send_mail("x", "x", "alice@example.test", ["z@x.test"]))
+    assert isinstance(exc, SMTPSecurityError)
+    report = report_of(exc)
+    assert "_open_for" in report
+    for token in secrets_of(mailbox):
+        assert token not in report

@@ -11,6 +11,7 @@ import pytest
 from allauth.account.models import EmailAddress
 from allauth.core.exceptions import ImmediateHttpResponse
 from allauth.socialaccount.models import SocialAccount, SocialApp, SocialLogin, SocialToken
+from django.contrib.auth.models import AnonymousUser
 from django.core import mail
 from django.core.checks import run_checks
 from django.test import Client, TestCase, override_settings
@@ -26,8 +27,9 @@ from mailgov.contrib.allauth.consent import (
     truncated_ip,
     verified_address,
 )
+from mailgov.exceptions import MailgovError
 from mailgov.models import ConsentReceipt, Mailbox
-from mailgov.providers import MicrosoftProvider, TokenResponse
+from mailgov.providers import GoogleProvider, MicrosoftProvider, TokenResponse
 from mailgov.services import connect_mailbox, mark_needs_reconsent
 from tests.conftest import secrets_of
 from tests.stubs import StubReply, token_endpoint_stub
@@ -481,3 +483,130 @@ def test_demo_sign_up_forms_are_closed(client):
     assert client.get("/accounts/signup/").status_code in (200, 302)
     page = client.get("/accounts/signup/", follow=True).content.decode()
     assert "Sign Up Closed" in page or "closed" in page.lower()
+
+
+# -- from the mutation review: callback headers --
+def test_every_callback_answer_is_neither_cached_nor_referred(client, allauth_demo):
+    started = client.post("/accounts/oidc/demo/login/")
+    state = parse_qs(urlsplit(started["Location"]).query)["state"][0]
+    response = client.get(
+        "/accounts/oidc/demo/login/callback/",
+        {"error": "access_denied", "state": state, "code": "would-be-code"},
+    )
+    assert response["Location"] == "/accounts/3rdparty/login/cancelled/"  # allauth's answer
+    assert "no-store" in response["Cache-Control"]
+    assert response["Referrer-Policy"] == "no-referrer"
+
+
+# -- from the mutation review: capture only signed in redirect flows --
+@pytest.mark.parametrize(
+    ("process", "signed_in"),
+    [("login", True), ("connect", True), (None, True), ("redirect", False)],
+    ids=["login", "connect", "no-process", "anonymous"],
+)
+def test_a_grant_is_captured_only_from_a_signed_in_redirect_flow(
+    rf, site_user, settings, process, signed_in
+):
+    settings.MAILGOV_PROVIDERS = {"google": {"client_id": "cid"}}
+    request = rf.get("/")
+    request.user = site_user("alice") if signed_in else AnonymousUser()
+    request.session = {}
+    login = _sociallogin(
+        None,
+        "google",
+        "ya29.x",
+        "1//x",
+        ["openid", "email", "https://mail.google.com/"],
+        email="alice@gmail.example",
+    )
+    if process is None:
+        del login.state["process"]
+    else:
+        login.state["process"] = process
+    with pytest.raises(ImmediateHttpResponse) as info:
+        MailgovSocialAccountAdapter().pre_social_login(request, login)
+    assert info.value.response["Location"] == "/mailboxes/not-connected/"
+    assert login.token is None
+    assert Mailbox.objects.count() == 0
+    assert ConsentReceipt.objects.count() == 0
+
+
+def test_the_consent_flow_is_started_as_a_redirect_not_a_connect(client, alice):
+    location = start(client)["Location"]
+    state_id = parse_qs(urlsplit(location).query)["state"][0]
+    state, _, provider_id = client.session["socialaccount_states"][state_id]
+    assert provider_id == "demo"
+    assert state["process"] == "redirect"
+    assert state["data"]["mailgov"]["capability"] == "send_mail"
+
+
+# -- from the mutation review: rate limits per user and per ip --
+
+
+def post_consent(client, ip):
+    return client.post(CONSENT, {"version": str(SEND_MAIL.version)}, REMOTE_ADDR=ip)
+
+
+def test_one_ip_is_limited_across_users(site_user, allauth_demo):
+    clients = []
+    for name in ("alice", "bob", "carol"):
+        client = Client()
+        client.force_login(site_user(name))
+        clients.append(client)
+    with override_settings(MAILGOV_CONSENT_RATE="2/m"):
+        codes = [post_consent(client, "203.0.113.9").status_code for client in clients]
+    assert codes == [302, 302, 429]
+
+
+def test_one_user_is_limited_across_ips(client, site_user, allauth_demo):
+    client.force_login(site_user("alice"))
+    with override_settings(MAILGOV_CONSENT_RATE="2/m"):
+        codes = [post_consent(client, f"203.0.113.{n}").status_code for n in (1, 2, 3)]
+    assert codes == [302, 302, 429]
+
+
+# -- from the mutation review: receipts and verified addresses --
+MAIL = "https://mail.google.com/"
+
+
+@pytest.fixture
+def google(settings):
+    settings.MAILGOV_PROVIDERS = {"google": {"client_id": "cid"}}
+
+
+def grant(rf, user, scopes, email="alice@gmail.example", verified=True):
+    request = rf.get("/", REMOTE_ADDR="198.51.100.23", HTTP_USER_AGENT="Test/1.0")
+    request.user = user
+    login = _sociallogin(None, "google", "ya29.x", "1//x", scopes, email=email)
+    login.email_addresses = [EmailAddress(email=email, verified=verified, primary=True)]
+    login.state["data"]["mailgov"]["scopes"] = ["openid", "email", MAIL]
+    return capture_grant(request, login, consent_in_state(login), SEND_MAIL)
+
+
+@pytest.mark.parametrize(
+    ("scopes", "action", "status"),
+    [
+        (["openid", "email", MAIL], "grant", Mailbox.Status.ACTIVE),
+        (["openid", "email"], "partial", Mailbox.Status.NEEDS_RECONSENT),
+    ],
+    ids=["full", "partial"],
+)
+def test_the_receipt_says_what_was_granted(rf, site_user, google, scopes, action, status):
+    mailbox = grant(rf, site_user("alice"), scopes)
+    assert mailbox.status == status
+    receipt = ConsentReceipt.objects.get()
+    assert receipt.action == action
+    assert receipt.mailbox == mailbox
+    assert receipt.scopes_requested == ["openid", "email", MAIL]
+    assert receipt.scopes_granted == sorted(scopes)
+    assert (receipt.ip_address, receipt.user_agent) == ("198.51.100.0", "Test/1.0")
+
+
+def test_an_unverified_address_is_never_bound(rf, site_user, google):
+    login = _sociallogin(None, "google", "t", "r", [MAIL], email="ceo@victim.example")
+    login.email_addresses = [EmailAddress(email="ceo@victim.example", verified=False, primary=True)]
+    assert verified_address(login, GoogleProvider("google", {"client_id": "c"})) is None
+    with pytest.raises(MailgovError, match="did not confirm"):
+        grant(rf, site_user("alice"), [MAIL], email="ceo@victim.example", verified=False)
+    assert Mailbox.objects.count() == 0
+    assert ConsentReceipt.objects.count() == 0

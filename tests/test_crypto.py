@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailgov import crypto
+from mailgov.checks import check_encryption_keys
 from mailgov.exceptions import DecryptionError, KeyringError, MailgovConfigurationError
 
 CTX = {"label": "mailgov.mailboxcredentials", "field_name": "access_token", "pk": "row-1"}
@@ -184,3 +185,49 @@ def test_property_any_flipped_bit_is_detected(plaintext, data):
     tampered = f"{head}${bytes(raw).hex()}"
     with pytest.raises(DecryptionError):
         crypto.decrypt(tampered, BOUND)
+
+
+# -- from the mutation review: aes256 only --
+@pytest.mark.parametrize("size", [16, 24, 31, 33, 64])
+def test_only_256_bit_keys_are_accepted(size):
+    entry = "k:" + base64.b64encode(b"k" * size).decode()
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[entry]):
+        with pytest.raises(KeyringError) as info:
+            crypto.get_keyring()
+        assert info.value.code == "length"
+        [error] = check_encryption_keys()
+    assert error.id == "mailgov.E003"
+
+
+# -- from the mutation review: errors never hold the value --
+
+
+@pytest.mark.parametrize(
+    ("value", "secret"),
+    [
+        ("ya29.a0-plaintext-token-in-the-column", "ya29.a0-plaintext-token-in-the-column"),
+        ("mg1$nokey$ya29deadbeefcafe", "ya29deadbeefcafe"),
+        ("mg2$x$ya29.other-version", "ya29.other-version"),
+        ("mg1$test1$ya29-not-hex", "ya29-not-hex"),
+    ],
+    ids=["plaintext", "unknown-key-id", "other-version", "not-hex"],
+)
+def test_decryption_errors_never_hold_the_value(value, secret):
+    with pytest.raises(DecryptionError) as info:
+        crypto.decrypt(value, BOUND)
+    message = str(info.value)
+    assert "mailgov.mailboxcredentials.access_token of row row-1" in message
+    assert secret not in message and value not in message
+
+
+# -- from the mutation review: key id in associated data --
+
+
+def test_relabelled_key_id_fails_even_with_the_same_key_material():
+    material = crypto.generate_key_entry("a").partition(":")[2]
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[f"a:{material}", f"b:{material}"]):
+        value = crypto.encrypt("token", BOUND)
+        assert crypto.decrypt(value, BOUND) == "token"
+        relabelled = value.replace("$a$", "$b$", 1)
+        with pytest.raises(DecryptionError, match="authentication failed"):
+            crypto.decrypt(relabelled, BOUND)

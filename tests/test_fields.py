@@ -170,3 +170,34 @@ def test_raw_database_holds_no_token(credentials):
     assert b"mg1$test1$" in data  # the rows are there, encrypted
     assert ACCESS.encode() not in data
     assert REFRESH.encode() not in data
+
+
+# -- from the mutation review: lookups refuse plaintext --
+@pytest.mark.parametrize(
+    "lookup",
+    [
+        {"access_token": ACCESS},
+        {"access_token__in": [ACCESS]},
+        {"refresh_token__gt": "1//"},
+    ],
+    ids=["exact", "in", "gt"],
+)
+def test_plaintext_never_used_in_a_lookup(credentials, lookup):
+    with pytest.raises(TypeError, match="encrypted"):
+        list(MailboxCredentials.objects.filter(**lookup))
+
+
+@pytest.mark.parametrize(
+    "lookup", ["iexact", "startswith", "contains", "icontains", "endswith", "regex"]
+)
+def test_plaintext_never_used_in_a_pattern_lookup(credentials, lookup):
+    with pytest.raises(TypeError, match="encrypted"):
+        list(MailboxCredentials.objects.filter(**{f"refresh_token__{lookup}": "1//0g"}))
+
+
+def test_the_lookups_an_encrypted_column_takes_still_work(credentials):
+    stored = MailboxCredentials.objects.values_list("refresh_token", flat=True).get()
+    assert MailboxCredentials.objects.filter(refresh_token=stored).count() == 1
+    assert MailboxCredentials.objects.filter(refresh_token__in=[stored]).count() == 1
+    assert MailboxCredentials.objects.filter(refresh_token__isnull=False).count() == 1
+    assert MailboxCredentials.objects.filter(access_token=None).count() == 0

@@ -70,7 +70,7 @@ def test_a_mailbox_is_bound_at_connect_time(google_mailbox):
 
 
 def test_a_redeclared_provider_gets_neither_refresh_nor_token(
-    google_mailbox, google_redeclared, smtp, leak_check
+    leak_check, google_mailbox, google_redeclared, smtp
 ):
     google_redeclared()
     # An expired token would be refreshed at the new token endpoint ...

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
+from django.core.mail import send_mail
 from django.test import override_settings
 
+from mailgov.checks import check_providers
 from mailgov.exceptions import (
     GrantRevokedError,
     MailboxUnavailableError,
     MailgovConfigurationError,
     ProviderError,
     ProviderUnavailableError,
+    TokenRefreshError,
 )
+from mailgov.models import Mailbox, MailboxCredentials
 from mailgov.providers import (
     GoogleProvider,
     MicrosoftProvider,
@@ -20,7 +29,7 @@ from mailgov.providers import (
     get_provider,
 )
 from mailgov.providers.oidc import clear_discovery_cache
-from mailgov.services import connect_mailbox
+from mailgov.services import bind_mailboxes, connect_mailbox, suspend_mailbox
 from tests.conftest import secrets_of
 from tests.stubs import StubReply, token_endpoint_stub
 
@@ -175,3 +184,141 @@ def test_an_address_is_active_for_one_account_only(site_user, settings):
     # The same owner reconnecting updates the one mailbox.
     again = connect_mailbox(owner=site_user("alice"), **kwargs)
     assert again.owner.mailgov_mailboxes.count() == 1
+
+
+# -- from the mutation review: pinned endpoint keys --
+MOVES = {
+    "smtp_host": "evil.example",
+    "smtp_port": 25,
+    "smtp_security": "ssl",
+    "ca_bundle": "/etc/evil/ca.pem",
+}
+
+
+@pytest.mark.parametrize("cls", [GoogleProvider, MicrosoftProvider])
+def test_no_configuration_moves_a_pinned_endpoint(cls):
+    provider = cls("p", {"client_id": "c", **MOVES})
+    assert (provider.smtp_host, provider.smtp_port, provider.smtp_security) == (
+        cls.smtp_host,
+        587,
+        "starttls",
+    )
+    assert provider.ca_bundle is None
+    assert provider.http_verify is True  # the system trust store, nothing else
+
+
+@pytest.mark.parametrize("provider_id", ["google", "microsoft"])
+@pytest.mark.parametrize("key", sorted(MOVES))
+def test_every_pinned_key_is_error_e011(provider_id, key):
+    with override_settings(MAILGOV_PROVIDERS={provider_id: {"client_id": "c", key: MOVES[key]}}):
+        ids = [message.id for message in check_providers()]
+    assert "mailgov.E011" in ids
+
+
+# -- from the mutation review: redirects and bad urls --
+@contextmanager
+def redirecting_endpoint(location: str, status: int = 307) -> Iterator[str]:
+    """An endpoint that answers every POST with a redirect to ``location``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/token"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status", [307, 308])
+def test_a_redirect_never_takes_the_refresh_token_elsewhere(monkeypatch, status):
+    elsewhere = StubReply(200, {"access_token": "ya29.from-elsewhere", "expires_in": 3599})
+    with token_endpoint_stub(elsewhere) as other, redirecting_endpoint(other.url, status) as url:
+        monkeypatch.setattr(GoogleProvider, "token_endpoint", url)
+        monkeypatch.setattr(GoogleProvider, "revocation_endpoint", url)
+        provider = GoogleProvider("google", {"client_id": "c", "client_secret": "s"})
+        with pytest.raises(TokenRefreshError, match=f"HTTP {status}"):
+            provider.refresh("1//0g-refresh")
+        with pytest.raises(ProviderError, match=f"HTTP {status}"):
+            provider.revoke("1//0g-refresh")
+        assert other.requests == []  # neither the token nor the client secret went there
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["oauth2.googleapis.com/token", "https://[::1/token", "https://"]
+)
+@pytest.mark.django_db(transaction=True)
+def test_a_malformed_token_endpoint_is_never_silenced(settings, site_user, monkeypatch, endpoint):
+    settings.EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
+    settings.MAILGOV_PROVIDERS = {"google": {"client_id": "c", "client_secret": "s"}}
+    mailbox = connect_mailbox(
+        owner=site_user("alice"),
+        provider_id="google",
+        response=TokenResponse("ya29.a", "1//r", 3599, ["https://mail.google.com/"]),
+        address="alice@gmail.example",
+        requested_scopes=[],
+    )
+    MailboxCredentials.objects.filter(pk=mailbox.pk).update(expires_at=None)
+    monkeypatch.setattr(GoogleProvider, "token_endpoint", endpoint)
+    # Another token endpoint is another provider identity: bound on purpose,
+    # so that the URL itself is what refuses.
+    bind_mailboxes("google")
+    with pytest.raises(MailgovConfigurationError, match="URL is not valid"):
+        send_mail("x", "x", "alice@gmail.example", ["z@x.test"], fail_silently=True)
+    assert secrets_of(mailbox) == ["ya29.a", "1//r"]
+
+
+# -- from the mutation review: connect mailbox statuses --
+MAIL = ["https://mail.google.com/"]
+
+
+@pytest.fixture
+def google(settings):
+    settings.MAILGOV_PROVIDERS = {"google": {"client_id": "c"}}
+
+
+def connect_google(owner, refresh="1//r"):
+    return connect_mailbox(
+        owner=owner,
+        provider_id="google",
+        response=TokenResponse("ya29.a", refresh, 3600, MAIL),
+        address="alice@gmail.example",
+        requested_scopes=MAIL,
+    )
+
+
+def test_a_suspended_mailbox_stays_suspended_through_a_new_consent(site_user, google):
+    mailbox = connect_google(site_user("alice"))
+    assert suspend_mailbox(mailbox, "smtp_auth_disabled: by the tenant")
+    again = connect_google(site_user("alice"))
+    assert again.pk == mailbox.pk
+    assert again.status == Mailbox.Status.SUSPENDED
+    assert again.revocation_reason.startswith("smtp_auth_disabled")
+
+
+def test_a_grant_without_a_refresh_token_is_not_active(site_user, google):
+    mailbox = connect_google(site_user("alice"), refresh=None)
+    assert mailbox.status == Mailbox.Status.NEEDS_RECONSENT
+    assert mailbox.revocation_reason.startswith("no_refresh_token")
+
+
+def test_an_address_the_provider_says_is_unverified_is_refused(connect, monkeypatch):
+    monkeypatch.setattr(
+        OIDCProvider,
+        "userinfo",
+        lambda self, token: {"email": "alice@example.test", "email_verified": False},
+    )
+    with pytest.raises(ProviderError, match="no verified email"):
+        connect("alice")
+    assert Mailbox.objects.count() == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from django.conf import settings as django_settings
 from django.core.mail import send_mail
 from django.db import connection, transaction
 from django.utils import timezone
+from django.views.debug import ExceptionReporter
 
 from mailgov.exceptions import (
     GrantRevokedError,
@@ -219,7 +221,7 @@ def test_microsoft_refresh_asks_for_the_smtp_audience_and_saves_the_rotated_toke
     assert stub.requests[0]["scope"] == ["https://outlook.office.com/SMTP.Send offline_access"]
 
 
-def test_invalid_grant_falls_to_needs_reconsent_once(google_mailbox, leak_check):
+def test_invalid_grant_falls_to_needs_reconsent_once(leak_check, google_mailbox):
     documented = {
         "error": "invalid_grant",
         "error_description": "Token has been expired or revoked.",
@@ -333,3 +335,59 @@ def test_inside_a_transaction_the_signal_waits_for_the_commit(google_mailbox):
             assert mailbox.status == Mailbox.Status.ACTIVE
     finally:
         mailbox_needs_reconsent.disconnect(dispatch_uid="t")
+
+
+# -- from the mutation review: rejected token reuse --
+def test_a_token_refreshed_meanwhile_is_used_instead_of_refreshing_again(connect, authserver):
+    mailbox = connect("alice")
+    current = secrets_of(mailbox)[0]
+    before = refresh_tokens_issued(authserver, "alice")
+    # This worker was refused an older token; another has stored a new one since.
+    token = get_access_token(mailbox, force_refresh=True, rejected_token="an-older-access-token")
+    assert token == current
+    assert refresh_tokens_issued(authserver, "alice") == before
+    # Refused the current token itself: a real refresh, exactly one.
+    token = get_access_token(mailbox, force_refresh=True, rejected_token=current)
+    assert token != current
+    assert refresh_tokens_issued(authserver, "alice") == before + 1
+
+
+# -- from the mutation review: error reports hide tokens --
+CLIENT_SECRET = "GOCSPX-" + secrets.token_hex(12)
+
+
+def raised_by(call):
+    """The exception ``call`` raises; caught here so no test frame is in its traceback."""
+    try:
+        call()
+    except Exception as exc:
+        return exc
+    raise AssertionError("nothing was raised")
+
+
+def report_of(exc: BaseException) -> str:
+    """Django's error report (the debug page / AdminEmailHandler) with DEBUG off."""
+    return ExceptionReporter(None, type(exc), exc, exc.__traceback__).get_traceback_html()
+
+
+def test_a_failed_refresh_report_hides_the_refresh_token(monkeypatch):
+    with token_endpoint_stub(StubReply(401, {"error": "invalid_client"})) as stub:
+        monkeypatch.setattr(GoogleProvider, "token_endpoint", stub.url)
+        provider = GoogleProvider("google", {"client_id": "c", "client_secret": CLIENT_SECRET})
+        exc = raised_by(lambda: provider.refresh(REFRESH))
+    assert isinstance(exc, TokenRefreshError)
+    report = report_of(exc)
+    assert "providers/base.py" in report  # the refresh frame is in the report
+    assert REFRESH not in report
+    assert CLIENT_SECRET not in report
+
+
+def test_a_failed_forced_refresh_report_hides_the_refused_token(google_mailbox):
+    with token_endpoint_stub(StubReply(401, {"error": "invalid_client"})) as stub:
+        mailbox = google_mailbox(stub)
+        exc = raised_by(
+            lambda: get_access_token(mailbox, force_refresh=True, rejected_token=ACCESS)
+        )
+    assert isinstance(exc, TokenRefreshError)
+    report = report_of(exc)
+    assert ACCESS not in report and REFRESH not in report

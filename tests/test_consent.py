@@ -610,3 +610,12 @@ def test_an_unverified_address_is_never_bound(rf, site_user, google):
         grant(rf, site_user("alice"), [MAIL], email="ceo@victim.example", verified=False)
     assert Mailbox.objects.count() == 0
     assert ConsentReceipt.objects.count() == 0
+
+
+def test_login_routes_that_are_not_mailgovs_are_error_e032(settings):
+    settings.ROOT_URLCONF = "tests.urls_callbacks_only"
+    clear_url_caches()
+    try:
+        assert "mailgov.E032" in [m.id for m in run_checks()]
+    finally:
+        clear_url_caches()

@@ -158,14 +158,12 @@ def prepare_message(message: EmailMessage) -> PreparedMessage:
         from_addr = sanitize_address(message.from_email, encoding)
         recipients = [sanitize_address(addr, encoding) for addr in recipients_raw]
         mime = message.message()
-        multipart = mime.is_multipart()
-        if multipart:
-            # Before serializing: the generator may fail on (or fold into a
-            # line break) the very characters refused here.
-            _check_part_headers(mime)
+        # Before serializing: the generator may fail on (or fold into a line
+        # break) the very characters refused here.
+        _check_part_headers(mime)
         data = mime.as_bytes(linesep="\r\n")
         _check_header_block(data, DJANGO_HEADERS | extra_names)
-        if multipart:
+        if mime.is_multipart():
             _check_parts_on_the_wire(mime, data)
     except InvalidMessageError:
         raise
@@ -210,33 +208,35 @@ def prepare_message(message: EmailMessage) -> PreparedMessage:
 
 
 def _check_header_block(data: bytes, allowed: frozenset[str] | set[str]) -> None:
-    """The bytes on the wire must hold no header line nobody asked for."""
+    """The bytes on the wire must hold no header line nobody asked for.
+
+    Checked per logical header (continuation lines joined, as a reader
+    unfolds them), so that an encoded word the generator folded across two
+    lines is decoded whole. Only 7-bit bytes: Django encodes every non-ASCII
+    header (RFC 2047), and a raw 8-bit byte could be a C1 control in Latin-1.
+    """
     head = data.split(b"\r\n\r\n", 1)[0]
-    if FORBIDDEN_BYTES_RE.search(head):
+    if FORBIDDEN_BYTES_RE.search(head) or not head.isascii():
         raise InvalidMessageError("The header block has a control character; nothing was sent.")
+    logical: list[bytes] = []
     for line in head.split(b"\r\n"):
         if b"\r" in line or b"\n" in line:
             raise InvalidMessageError("The header block has a bare line break; nothing was sent.")
-        if line[:1] in (b" ", b"\t"):
-            value = line
-        else:
-            name, colon, value = line.partition(b":")
-            if not colon or name.decode("ascii", "replace").lower() not in allowed:
-                raise InvalidMessageError(
-                    "The message would carry an unexpected header line; nothing was sent."
-                )
+        if line[:1] in (b" ", b"\t") and logical:
+            logical[-1] += line
+            continue
+        name, colon, _value = line.partition(b":")
+        if not colon or name.decode("ascii").lower() not in allowed:
+            raise InvalidMessageError(
+                "The message would carry an unexpected header line; nothing was sent."
+            )
+        logical.append(line)
+    for header in logical:
+        value = header.partition(b":")[2]
         if b"=?" in value:
             # An encoded word must not decode to a line break either: the
             # receiving side would show it as a new header.
-            for part, charset in decode_header(value.decode("ascii", "replace")):
-                text = (
-                    part.decode(charset or "ascii", "replace") if isinstance(part, bytes) else part
-                )
-                if FORBIDDEN_RE.search(text):
-                    raise InvalidMessageError(
-                        "An encoded header decodes to a line break or control character; "
-                        "nothing was sent."
-                    )
+            _check_text(value.decode("ascii"), "An encoded header")
 
 
 def _check_text(text: str, what: str) -> None:
@@ -263,27 +263,28 @@ def _part_label(index: int, part: Message) -> str:
 
 
 def _check_part_headers(mime: Message) -> None:
-    """Check the headers of every part below the top level, as set.
+    """Check the headers of every part, the top level included, as set.
 
     Raises :class:`InvalidMessageError` naming the part (its position in
-    ``walk()`` order, 1 being the first part below the top-level message, and
-    its content type) and the header.
+    ``walk()`` order, 0 being the top-level message, and its content type)
+    and the header.
     """
     for index, part in enumerate(mime.walk()):
-        if index == 0:
-            continue  # the top level: checked field by field and on the wire
-        label = _part_label(index, part)
+        label = "the message" if index == 0 else _part_label(index, part)
         for name, value in part.items():
             if not _is_header_name(str(name)):
                 raise InvalidMessageError(
                     f"{label} has a header with an invalid name; nothing was sent."
                 )
             what = f"The {name} header of {label}"
-            _check_text(str(value), what)
+            # Unfolded as a reader unfolds it: the email package folds long
+            # and encoded values itself (a line break followed by blank space);
+            # any other line break is refused.
+            _check_text(_UNFOLD_RE.sub("", str(value)), what)
             # Parameters as a reader decodes them: quoted strings and RFC 2231
             # (charset'language'percent-encoded) values, continuations joined.
             for _key, param in part.get_params(header=name, failobj=[]) or []:
-                _check_text(collapse_rfc2231_value(param), what)
+                _check_text(_UNFOLD_RE.sub("", collapse_rfc2231_value(param)), what)
 
 
 def _check_parts_on_the_wire(mime: Message, data: bytes) -> None:
@@ -309,6 +310,13 @@ def _check_parts_on_the_wire(mime: Message, data: bytes) -> None:
                 f"{label} would carry an unexpected header line; nothing was sent."
             )
         for name, value in wire.items():
+            if not isinstance(value, str):
+                # The parser keeps raw 8-bit header bytes as a Header: not
+                # 7-bit, and a Latin-1 C1 control would hide in it.
+                raise InvalidMessageError(
+                    f"The {name} header of {_part_label(index, part)} has 8-bit bytes; "
+                    "nothing was sent."
+                )
             _check_text(
-                _UNFOLD_RE.sub(" ", value), f"The {name} header of {_part_label(index, part)}"
+                _UNFOLD_RE.sub("", value), f"The {name} header of {_part_label(index, part)}"
             )

@@ -13,7 +13,12 @@ import pytest
 from django.core.mail import EmailMessage, EmailMultiAlternatives
 
 from mailgov.exceptions import InvalidMessageError
-from mailgov.validation import _check_parts_on_the_wire, prepare_message
+from mailgov.validation import (
+    DJANGO_HEADERS,
+    _check_header_block,
+    _check_parts_on_the_wire,
+    prepare_message,
+)
 
 # Every character class the rules name: C0 but TAB, DEL, C1, the Unicode line
 # and paragraph separators.
@@ -160,3 +165,55 @@ def test_the_wire_check_sees_a_header_line_the_part_does_not_have():
     broken = data.replace(b'filename="f.txt"\r\n', b'filename="f\r\nBcc e@x.test"\r\n', 1)
     with pytest.raises(InvalidMessageError, match="MIME part 2"):
         _check_parts_on_the_wire(mime, broken)
+
+
+# -- from the review: the top level gets the same decoded-form checks ----------
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Content-Disposition": "inline; filename*=utf-8''a%0D%0ABcc%3A%20x%40evil.test"},
+        {"X-Foo": "a; name*=utf-8''%C2%85"},
+    ],
+    ids=["rfc2231-crlf", "rfc2231-nel"],
+)
+@pytest.mark.parametrize("multipart", [False, True], ids=["single", "multipart"])
+def test_an_rfc2231_parameter_of_a_top_level_header_is_checked(headers, multipart):
+    mail = message(headers=headers)
+    if multipart:
+        mail.attach("f.txt", b"data", "text/plain")
+    with pytest.raises(InvalidMessageError, match="header of the message"):
+        prepare_message(mail)
+
+
+@pytest.mark.parametrize("field", ["subject", "X-Note"])
+def test_an_encoded_word_folded_in_two_is_decoded_whole(field):
+    # The generator folds this long encoded word inside itself; a reader
+    # unfolds and decodes it to a CRLF and a Bcc line.
+    value = "=?utf-8?q?" + "x" * 70 + " =0D=0ABcc:_evil@x.test?="
+    mail = message(subject=value) if field == "subject" else message(headers={field: value})
+    with pytest.raises(InvalidMessageError, match="decodes to a line break"):
+        prepare_message(mail)
+
+
+def test_the_header_block_check_unfolds_before_decoding():
+    folded = b"Subject: =?utf-8?q?" + b"x" * 60 + b"\r\n =0D=0ABcc:_evil@x.test?=\r\n\r\nbody"
+    with pytest.raises(InvalidMessageError, match="decodes to"):
+        _check_header_block(folded, DJANGO_HEADERS)
+    fine = b"Subject: =?utf-8?q?caf=C3=A9?=\r\n =?utf-8?q?_ok?=\r\n\r\nx"
+    _check_header_block(fine, DJANGO_HEADERS)
+
+
+def test_raw_8bit_header_bytes_are_refused_not_a_crash():
+    mail = message()
+    mail.attach(None, "Subject: caf\xe9\r\n\r\nbody", "message/rfc822")
+    with pytest.raises(InvalidMessageError, match="8-bit"):
+        prepare_message(mail)
+    with pytest.raises(InvalidMessageError):
+        _check_header_block("Subject: caf\xe9\r\n\r\nx".encode("latin-1"), DJANGO_HEADERS)
+
+
+@pytest.mark.parametrize(
+    "subject", ["word " * 40, "Grüße aus Köln " * 8, "=?utf-8?q?caf=C3=A9?="], ids=repr
+)
+def test_long_and_non_ascii_subjects_folded_by_the_email_package_pass(subject):
+    assert prepare_message(message(subject=subject)).data

@@ -49,8 +49,8 @@ class Mailbox(models.Model):
     # The identity of the provider the mailbox was connected through
     # ("type|issuer|smtp host", see Provider.identity). Tokens are used only
     # while the configuration of ``provider`` still gives this identity.
-    provider_binding = models.CharField(
-        _("provider identity at connect time"), max_length=512, blank=True, editable=False
+    provider_binding = models.TextField(
+        _("provider identity at connect time"), blank=True, editable=False
     )
     address = models.EmailField(_("sending address"), max_length=254)
     status = models.CharField(

@@ -7,6 +7,7 @@ nothing else writes credentials.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -14,8 +15,9 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
-from django.db import connection, connections, transaction
-from django.db.models import Count, Q, TextField
+from django.db import connection, connections, router, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import Count, Q, QuerySet, TextField
 from django.db.models.functions import Cast
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
@@ -114,6 +116,18 @@ def connect_mailbox(
                 MailboxCredentials.objects.select_for_update().filter(mailbox=mailbox).first()
             )
         credentials = credentials or MailboxCredentials(mailbox=mailbox)
+        if mailbox.provider_binding and mailbox.provider_binding != provider.identity:
+            # Reconnected through another provider than the one that issued
+            # the stored tokens: none of them may reach the new one (a
+            # response without a refresh token would otherwise keep the old).
+            if credentials.refresh_token and mailbox.status == Mailbox.Status.REVOKED:
+                security_logger.warning(
+                    "mailbox %s: reconnected through another provider while a revocation "
+                    "at %s was pending; that grant must be revoked there by hand",
+                    mailbox.pk,
+                    describe_identity(mailbox.provider_binding),
+                )
+            credentials.wipe()
         apply_token_response(credentials, response, now=now)
         mailbox.scopes = sorted(set(granted))
         if not mailbox.has_scopes(provider.send_scopes):
@@ -396,7 +410,9 @@ def provider_bindings() -> list[dict[str, Any]]:
 # -- key rotation ---------------------------------------------------------------
 @dataclass
 class RotationResult:
-    """What a rotation run did: values re-encrypted, rows it could not read."""
+    """What a rotation run did: values re-encrypted, rows written, rows it could
+    not decrypt (``failed_rows``) and rows senders kept rewriting through every
+    pass (``busy_rows``, still pending: run again)."""
 
     rotated: int = 0
     rows: int = 0
@@ -411,7 +427,7 @@ def _encrypted_fields() -> list[EncryptedTextField]:
     ]
 
 
-def rotation_pending():
+def rotation_pending() -> QuerySet[MailboxCredentials]:
     """Credentials rows holding a value not under the primary key."""
     prefix = get_keyring().primary_prefix
     pending = Q()
@@ -442,7 +458,9 @@ _SAME_AS = {"postgresql": "IS NOT DISTINCT FROM", "sqlite": "IS", "mysql": "<=>"
 
 
 def _write_sealed_if_unchanged(
-    rows: list[tuple[Any, list[Any], list[Any]]], fields: list[EncryptedTextField]
+    rows: list[tuple[Any, list[Any], list[Any]]],
+    fields: list[EncryptedTextField],
+    connection: BaseDatabaseWrapper,
 ) -> int:
     """Write re-encrypted values, each row only if it still holds what was read.
 
@@ -457,7 +475,6 @@ def _write_sealed_if_unchanged(
     ``CASE`` expression per row in the ORM costs more than the encryption.
     """
     meta = MailboxCredentials._meta
-    connection = connections[MailboxCredentials.objects.db]
     quote = connection.ops.quote_name
     same = _SAME_AS.get(connection.vendor)
     assignments = ", ".join(f"{quote(field_.column)} = %s" for field_ in fields)
@@ -523,10 +540,13 @@ def rotate_keys(
         last_pk = batch_pks[-1]
         if progress:
             progress(len(batch_pks))
-    # Rows a sender wrote between read and write: again, a few times at most.
-    for _attempt in range(5):
+    # Rows a sender wrote between read and write, or held locked: again, a
+    # few times at most, with a short pause (a refresh in flight holds its
+    # row for one HTTP call to the provider).
+    for attempt in range(5):
         if not changed_meanwhile:
             break
+        time.sleep(0.1 * 2**attempt)
         pending = changed_meanwhile
         changed_meanwhile = []
         for start in range(0, len(pending), batch_size):
@@ -542,13 +562,18 @@ def _rotate_batch(
 ) -> tuple[list[Any], list[Any]]:
     """Rotate the first ``batch_size`` rows of ``query``; count into ``result``.
 
-    Returns ``(the batch's pks, pks a sender changed meanwhile, still pending)``.
+    Returns ``(the batch's pks, pks to take up again)``: rows a sender
+    changed between read and write that still hold an old key's value, and
+    on PostgreSQL rows locked by a sender at write time.
     """
     prefix = get_keyring().primary_prefix
     names = [field_.attname for field_ in fields]
+    db = router.db_for_write(MailboxCredentials)
+    connection = connections[db]
     # Plain rows, not model instances: instantiating models costs more than
-    # the cryptography here. Read in autocommit: no lock is taken.
-    batch = [list(row) for row in query[:batch_size].values_list("pk", *names)]
+    # the cryptography here. Read in autocommit (no lock is taken), from the
+    # database the rows are written to.
+    batch = [list(row) for row in query.using(db)[:batch_size].values_list("pk", *names)]
     if not batch:
         return [], []
     updates: list[tuple[Any, list[Any], list[Any]]] = []
@@ -568,11 +593,24 @@ def _rotate_batch(
             result.failed_rows.append(str(pk))
             continue
         updates.append((pk, before, after))
-    mine = [pk for pk, _, _ in updates]
     lost: list[Any] = []
     if updates:
-        with transaction.atomic():
-            written = _write_sealed_if_unchanged(updates, fields)
+        with transaction.atomic(using=db):
+            if connection.features.has_select_for_update_skip_locked:
+                # PostgreSQL: a row whose refresh is in flight stays locked
+                # across the provider's HTTP call. Waiting for it would hold
+                # this batch's other row locks, and their senders, that long:
+                # skip it now, take it up again at the end of the run.
+                locked = set(
+                    MailboxCredentials.objects.using(db)
+                    .filter(pk__in=[pk for pk, _, _ in updates])
+                    .select_for_update(skip_locked=True, no_key=True)
+                    .values_list("pk", flat=True)
+                )
+                lost = [pk for pk, _, _ in updates if pk not in locked]
+                updates = [update for update in updates if update[0] in locked]
+            mine = [pk for pk, _, _ in updates]
+            written = _write_sealed_if_unchanged(updates, fields, connection) if updates else 0
             if written < len(updates):
                 # Some rows were written by a sender between read and write
                 # (rare). Ours are those holding exactly what we wrote: every
@@ -580,15 +618,20 @@ def _rotate_batch(
                 # match. The others are taken up again if still pending.
                 now = {
                     row[0]: list(row[1:])
-                    for row in MailboxCredentials.objects.filter(pk__in=mine).values_list(
-                        "pk", *names
-                    )
+                    for row in MailboxCredentials.objects.using(db)
+                    .filter(pk__in=mine)
+                    .values_list("pk", *names)
                 }
                 mine = [pk for pk, _, after in updates if now.get(pk) == after]
                 pending = set(
-                    rotation_pending().filter(pk__in=list(now)).values_list("pk", flat=True)
+                    rotation_pending()
+                    .using(db)
+                    .filter(pk__in=list(now))
+                    .values_list("pk", flat=True)
                 )
-                lost = [pk for pk, _, _ in updates if pk not in mine and pk in pending]
+                lost += [pk for pk, _, _ in updates if pk not in mine and pk in pending]
+    else:
+        mine = []
     result.rows += len(mine)
     result.rotated += sum(counts.get(pk, 0) for pk in mine)
     return [row[0] for row in batch], lost

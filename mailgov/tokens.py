@@ -61,8 +61,12 @@ def get_access_token(
     if not force_refresh:
         # Only an active mailbox's token is handed out: a suspended or
         # revoked mailbox falls through to the checks below and is refused.
+        # The row decides, not the caller's copy: still active, and still
+        # bound to the provider as configured in this process.
         credentials = MailboxCredentials.objects.filter(
-            pk=mailbox.pk, mailbox__status=Mailbox.Status.ACTIVE
+            pk=mailbox.pk,
+            mailbox__status=Mailbox.Status.ACTIVE,
+            mailbox__provider_binding=provider.identity,
         ).first()
         if credentials is not None and credentials.access_token_valid(margin):
             return credentials.access_token

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -29,6 +32,7 @@ from tests.stubs import StubReply, token_endpoint_stub
 
 pytestmark = pytest.mark.django_db
 
+ROOT = Path(__file__).resolve().parent.parent
 BACKEND = "mailgov.backends.smtp.EmailBackend"
 GOOGLE = {"google": {"client_id": "c", "client_secret": "s"}}
 
@@ -201,3 +205,53 @@ def test_the_migration_binds_existing_mailboxes_to_the_configuration(google_mail
     orphan.refresh_from_db()
     assert google_mailbox.provider_binding == get_provider("google").identity
     assert orphan.provider_binding == ""
+
+
+def test_a_reconnect_through_another_provider_keeps_none_of_the_old_tokens(
+    google_mailbox, google_redeclared
+):
+    """A grant response without a refresh token keeps the stored one, as a
+    rule; not when the stored one was issued by another provider."""
+    google_redeclared()
+    mailbox = connect_mailbox(
+        owner=google_mailbox.owner,
+        provider_id="google",
+        response=TokenResponse("new-access", None, 3599, None),
+        address="alice@gmail.example",
+        requested_scopes=["https://mail.google.com/"],
+    )
+    assert secrets_of(mailbox) == ["new-access"]
+    assert mailbox.status == Mailbox.Status.NEEDS_RECONSENT  # no refresh token held
+
+
+def test_an_oidc_provider_is_identified_by_the_discovery_document_it_fetches(settings, connect):
+    mailbox = connect("alice")
+    config = settings.MAILGOV_PROVIDERS["demo"]
+    # Same server_url, but the endpoints would come from another document.
+    config["discovery_url"] = "https://idp.attacker.example/.well-known/openid-configuration"
+    with pytest.raises(ProviderChangedError, match=r"idp\.attacker\.example"):
+        get_access_token(mailbox)
+
+
+def test_the_row_decides_not_the_callers_copy(google_mailbox, google_redeclared):
+    """A process holding an old copy of the mailbox (bound as it still is
+    configured here) gets nothing once the row was bound elsewhere."""
+    Mailbox.objects.filter(pk=google_mailbox.pk).update(provider_binding="oidc|x|y")
+    with pytest.raises(ProviderChangedError):
+        get_access_token(google_mailbox)
+
+
+def test_checks_run_without_a_database():
+    """A build step (collectstatic) with no database configured: the binding
+    check must neither fail nor create a database."""
+    code = (
+        "import os; os.environ['DJANGO_SETTINGS_MODULE'] = 'tests.settings'\n"
+        "from tests import settings as s; s.DATABASES = {}\n"
+        "import django; django.setup()\n"
+        "from django.core.management import call_command; call_command('check')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no issues" in done.stdout

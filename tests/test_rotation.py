@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from django.core.mail import send_mail
 from django.core.management import CommandError, call_command
-from django.db import connection
+from django.db import connection, transaction
 from django.test import override_settings
 
 from mailgov.crypto import generate_key_entry, reset_keyring
@@ -252,7 +252,7 @@ def test_a_row_written_by_a_sender_mid_batch_is_not_overwritten(owner, monkeypat
     original = services._write_sealed_if_unchanged
     raced = []
 
-    def sender_writes_first(rows, fields):
+    def sender_writes_first(rows, fields, *args):
         if not raced:
             raced.append(True)
             row = MailboxCredentials.objects.get(pk=refreshed.pk)
@@ -261,7 +261,7 @@ def test_a_row_written_by_a_sender_mid_batch_is_not_overwritten(owner, monkeypat
             MailboxCredentials.objects.filter(pk=revoked.pk).update(
                 access_token=None, refresh_token=None
             )
-        return original(rows, fields)
+        return original(rows, fields, *args)
 
     with override_settings(MAILGOV_ENCRYPTION_KEYS=[NEW, OLD]):
         reset_keyring()
@@ -279,3 +279,58 @@ def test_a_row_written_by_a_sender_mid_batch_is_not_overwritten(owner, monkeypat
         row = MailboxCredentials.objects.get(pk=revoked.pk)
         assert (row.access_token, row.refresh_token) == (None, None)
         assert MailboxCredentials.objects.get(pk=untouched.pk).access_token == "access-2"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="SKIP LOCKED: PostgreSQL (CI runs it)"
+)
+def test_a_row_locked_by_a_refresh_in_flight_is_skipped_not_waited_for(owner):
+    """A refresh holds its row lock across the provider's HTTP call: the
+    rotation must not wait for it (holding its batch's other rows) but take
+    the row up again at the end, and report it if it is still locked."""
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[OLD]):
+        reset_keyring()
+        rows = make_credentials(owner, 5)
+    locked, release = threading.Event(), threading.Event()
+
+    def refresh_in_flight():
+        with transaction.atomic():
+            MailboxCredentials.objects.select_for_update(no_key=True).get(pk=rows[2].pk)
+            locked.set()
+            release.wait(30)
+        connection.close()
+
+    holder = threading.Thread(target=refresh_in_flight)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        with override_settings(MAILGOV_ENCRYPTION_KEYS=[NEW, OLD]):
+            reset_keyring()
+            started = time.monotonic()
+            result = rotate_keys(batch_size=10)
+            assert time.monotonic() - started < 10  # did not wait for the lock
+            assert result.busy_rows == [str(rows[2].pk)]
+            assert (result.rows, result.rotated) == (4, 8)
+    finally:
+        release.set()
+        holder.join(30)
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[NEW, OLD]):
+        reset_keyring()
+        assert (rotate_keys().rows, key_usage()) == (1, {"new": 10})
+
+
+@pytest.mark.django_db
+def test_the_command_fails_while_values_remain_under_an_old_key(monkeypatch):
+    """A script that retires the old key after the command must not do so
+    while senders kept rows under it through every pass."""
+    from mailgov.management.commands import mailgov_rotate_keys
+    from mailgov.services import RotationResult
+
+    monkeypatch.setattr(
+        mailgov_rotate_keys,
+        "rotate_keys",
+        lambda **kwargs: RotationResult(rotated=2, rows=1, busy_rows=["row-7"]),
+    )
+    with pytest.raises(CommandError, match="run the command again: row-7"):
+        call_command("mailgov_rotate_keys", stdout=io.StringIO(), stderr=io.StringIO())

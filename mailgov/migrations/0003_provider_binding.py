@@ -9,6 +9,8 @@ unbound, and mailgov refuses to use its tokens until an operator binds it
 
 from django.db import migrations, models
 
+# The live code on purpose, not a copy: a mailbox is bound to its provider's
+# identity exactly as mailgov computes it when it checks the binding.
 from mailgov.models import current_identity
 
 
@@ -33,11 +35,8 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name="mailbox",
             name="provider_binding",
-            field=models.CharField(
-                blank=True,
-                editable=False,
-                max_length=512,
-                verbose_name="provider identity at connect time",
+            field=models.TextField(
+                blank=True, editable=False, verbose_name="provider identity at connect time"
             ),
         ),
         migrations.RunPython(bind_existing, migrations.RunPython.noop),

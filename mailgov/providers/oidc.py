@@ -105,9 +105,11 @@ class OIDCProvider(Provider):
 
     @property
     def issuer(self) -> str:
-        # The configured server (or discovery document) names the issuer, with
-        # no network call: a binding must be computable offline.
-        return (self.config.get("server_url") or self.discovery_url).rstrip("/")
+        # The discovery document actually fetched names every endpoint, so it
+        # is the identity (from settings, with no network call: a binding
+        # must be computable offline). Its CA bundle is not part of it: a
+        # path, which moves between deployments.
+        return self.discovery_url
 
     @property
     def authorization_endpoint(self) -> str:

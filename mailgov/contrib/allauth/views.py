@@ -30,8 +30,13 @@ security_logger = logging.getLogger("mailgov.security")
 
 
 def held_capabilities(mailbox: Mailbox, provider) -> list:
-    """What an active mailbox may do; nothing for any other status."""
-    if provider is None or mailbox.status != Mailbox.Status.ACTIVE:
+    """What an active mailbox may do; nothing for any other status, nor for a
+    mailbox whose provider id is now configured as another provider."""
+    if (
+        provider is None
+        or mailbox.status != Mailbox.Status.ACTIVE
+        or mailbox.provider_binding != provider.identity
+    ):
         return []
     return [
         capability

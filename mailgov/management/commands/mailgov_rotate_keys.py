@@ -39,13 +39,19 @@ class Command(BaseCommand):
             f"Re-encrypted {result.rotated} values in {result.rows} rows "
             f"under key {keyring.primary_id!r}."
         )
-        if result.busy_rows:
-            self.stderr.write(
-                f"{len(result.busy_rows)} rows were rewritten by senders throughout the run "
-                "and still hold values under an old key; run the command again."
-            )
+        problems = []
         if result.failed_rows:
-            raise CommandError(
+            problems.append(
                 f"{len(result.failed_rows)} rows could not be decrypted and were left as they "
                 f"are: {', '.join(result.failed_rows[:20])}"
             )
+        if result.busy_rows:
+            problems.append(
+                f"{len(result.busy_rows)} rows were being written by senders throughout the "
+                "run and still hold values under an old key; run the command again: "
+                f"{', '.join(result.busy_rows[:20])}"
+            )
+        if problems:
+            # Non-zero: a script that retires the old key after this command
+            # must not do so while values under it remain.
+            raise CommandError(" ".join(problems))

@@ -277,14 +277,19 @@ def _check_part_headers(mime: Message) -> None:
                     f"{label} has a header with an invalid name; nothing was sent."
                 )
             what = f"The {name} header of {label}"
-            # Unfolded as a reader unfolds it: the email package folds long
-            # and encoded values itself (a line break followed by blank space);
-            # any other line break is refused.
-            _check_text(_UNFOLD_RE.sub("", str(value)), what)
-            # Parameters as a reader decodes them: quoted strings and RFC 2231
-            # (charset'language'percent-encoded) values, continuations joined.
-            for _key, param in part.get_params(header=name, failobj=[]) or []:
-                _check_text(_UNFOLD_RE.sub("", collapse_rfc2231_value(param)), what)
+            text = str(value)
+            if "\n" in text or "\r" in text:
+                # Unfolded as a reader unfolds it: the email package folds
+                # long and encoded values itself (a line break followed by
+                # blank space); any other line break is refused below.
+                text = _UNFOLD_RE.sub("", text)
+            _check_text(text, what)
+            if "*" in text:
+                # RFC 2231 parameters (name*=charset'lang'percent-encoded,
+                # continuations name*0*=...) as a reader decodes them; every
+                # other parameter form was checked raw just above.
+                for _key, param in part.get_params(header=name, failobj=[]) or []:
+                    _check_text(_UNFOLD_RE.sub("", collapse_rfc2231_value(param)), what)
 
 
 def _check_parts_on_the_wire(mime: Message, data: bytes) -> None:

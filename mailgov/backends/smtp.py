@@ -283,6 +283,7 @@ class EmailBackend(smtp.EmailBackend):
                 ):
                     by_address[mailbox.address_lower] = mailbox
         result = []
+        checked: dict[Any, Provider] = {}  # one check per mailbox, not per message
         for item in prepared:
             mailbox = by_address.get(item.address)
             if mailbox is None and self.mailbox is not None:
@@ -290,7 +291,10 @@ class EmailBackend(smtp.EmailBackend):
                     f"The From address {item.address!r} is not the address of the given "
                     "mailbox; nothing was sent."
                 )
-            provider = self._check_mailbox(mailbox, item.address)
+            provider = checked.get(mailbox.pk) if mailbox is not None else None
+            if provider is None:
+                provider = self._check_mailbox(mailbox, item.address)
+                checked[mailbox.pk] = provider
             if len(item.recipients) > provider.max_recipients_per_message:
                 raise InvalidMessageError(
                     f"{len(item.recipients)} recipients exceed {provider.name}'s limit of "

@@ -503,6 +503,90 @@ def _write_sealed_if_unchanged(
         return cursor.rowcount
 
 
+def _write_batch_postgresql(
+    rows: list[tuple[Any, list[Any], list[Any]]],
+    fields: list[EncryptedTextField],
+    connection: BaseDatabaseWrapper,
+) -> set[Any]:
+    """PostgreSQL: lock, compare and write a batch in one statement; return
+    the pks written.
+
+    The rows are locked ``FOR NO KEY UPDATE SKIP LOCKED``: a row whose
+    refresh is in flight stays locked across the provider's HTTP call, and
+    waiting for it would hold this batch's other rows (and their senders)
+    that long. A locked row, or one whose values changed since they were
+    read, is not written and not returned. One round trip per batch.
+    """
+    meta = MailboxCredentials._meta
+    quote = connection.ops.quote_name
+    table, pk = quote(meta.db_table), quote(meta.pk.column)
+    columns = [quote(field_.column) for field_ in fields]
+    new = [f"new_{index}" for index in range(len(fields))]
+    old = [f"old_{index}" for index in range(len(fields))]
+    # The pk typed as its column is: an untyped parameter would compare as
+    # text, and the join would scan the whole table.
+    pk_type = meta.pk.db_type(connection)
+    row_sql = "(" + ", ".join([f"CAST(%s AS {pk_type})"] + ["%s"] * (2 * len(fields))) + ")"
+    values = ", ".join([row_sql] * len(rows))
+    assignments = ", ".join(f"{c} = v.{n}" for c, n in zip(columns, new, strict=True))
+    guards = " AND ".join(
+        f"t.{c} IS NOT DISTINCT FROM v.{n}" for c, n in zip(columns, old, strict=True)
+    )
+    # Only quoted names from the model's own metadata; every value is a parameter.
+    sql = (
+        f"WITH given (id, {', '.join(new + old)}) AS (VALUES {values}), "  # noqa: S608
+        f"v AS (SELECT given.* FROM given JOIN {table} t ON t.{pk} = given.id "
+        "FOR NO KEY UPDATE OF t SKIP LOCKED) "
+        f"UPDATE {table} AS t SET {assignments} FROM v "
+        f"WHERE t.{pk} = v.id AND {guards} RETURNING t.{pk}"
+    )
+    params: list[Any] = []
+    for row_pk, before, after in rows:
+        params.append(meta.pk.get_db_prep_value(row_pk, connection))
+        params.extend(f.get_prep_value(value) for f, value in zip(fields, after, strict=True))
+        params.extend(f.get_prep_value(value) for f, value in zip(fields, before, strict=True))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return {meta.pk.to_python(value) for (value,) in cursor.fetchall()}
+
+
+def _write_batch(
+    updates: list[tuple[Any, list[Any], list[Any]]],
+    fields: list[EncryptedTextField],
+    db: str,
+    names: list[str],
+) -> tuple[list[Any], list[Any]]:
+    """Write a rotated batch in the caller's transaction, each row only if it
+    still holds what was read. Returns ``(pks written, pks to take up again)``."""
+    connection = connections[db]
+    if connection.vendor == "postgresql":
+        written = _write_batch_postgresql(updates, fields, connection)
+        # Locked by a sender, or changed by one: the retry pass takes up
+        # those still pending.
+        return (
+            [pk for pk, _, _ in updates if pk in written],
+            [pk for pk, _, _ in updates if pk not in written],
+        )
+    mine = [pk for pk, _, _ in updates]
+    if _write_sealed_if_unchanged(updates, fields, connection) == len(updates):
+        return mine, []
+    # Some rows were written by a sender between read and write (rare). Ours
+    # are those holding exactly what we wrote: every ciphertext has a fresh
+    # random nonce, so no one else's can match. The others are taken up
+    # again if still pending.
+    now = {
+        row[0]: list(row[1:])
+        for row in MailboxCredentials.objects.using(db)
+        .filter(pk__in=mine)
+        .values_list("pk", *names)
+    }
+    mine = [pk for pk, _, after in updates if now.get(pk) == after]
+    pending = set(
+        rotation_pending().using(db).filter(pk__in=list(now)).values_list("pk", flat=True)
+    )
+    return mine, [pk for pk, _, _ in updates if pk not in mine and pk in pending]
+
+
 def rotate_keys(
     *, batch_size: int | None = None, progress: Callable[[int], None] | None = None
 ) -> RotationResult:
@@ -569,7 +653,6 @@ def _rotate_batch(
     prefix = get_keyring().primary_prefix
     names = [field_.attname for field_ in fields]
     db = router.db_for_write(MailboxCredentials)
-    connection = connections[db]
     # Plain rows, not model instances: instantiating models costs more than
     # the cryptography here. Read in autocommit (no lock is taken), from the
     # database the rows are written to.
@@ -593,45 +676,11 @@ def _rotate_batch(
             result.failed_rows.append(str(pk))
             continue
         updates.append((pk, before, after))
+    mine: list[Any] = []
     lost: list[Any] = []
     if updates:
         with transaction.atomic(using=db):
-            if connection.features.has_select_for_update_skip_locked:
-                # PostgreSQL: a row whose refresh is in flight stays locked
-                # across the provider's HTTP call. Waiting for it would hold
-                # this batch's other row locks, and their senders, that long:
-                # skip it now, take it up again at the end of the run.
-                locked = set(
-                    MailboxCredentials.objects.using(db)
-                    .filter(pk__in=[pk for pk, _, _ in updates])
-                    .select_for_update(skip_locked=True, no_key=True)
-                    .values_list("pk", flat=True)
-                )
-                lost = [pk for pk, _, _ in updates if pk not in locked]
-                updates = [update for update in updates if update[0] in locked]
-            mine = [pk for pk, _, _ in updates]
-            written = _write_sealed_if_unchanged(updates, fields, connection) if updates else 0
-            if written < len(updates):
-                # Some rows were written by a sender between read and write
-                # (rare). Ours are those holding exactly what we wrote: every
-                # ciphertext has a fresh random nonce, so no one else's can
-                # match. The others are taken up again if still pending.
-                now = {
-                    row[0]: list(row[1:])
-                    for row in MailboxCredentials.objects.using(db)
-                    .filter(pk__in=mine)
-                    .values_list("pk", *names)
-                }
-                mine = [pk for pk, _, after in updates if now.get(pk) == after]
-                pending = set(
-                    rotation_pending()
-                    .using(db)
-                    .filter(pk__in=list(now))
-                    .values_list("pk", flat=True)
-                )
-                lost += [pk for pk, _, _ in updates if pk not in mine and pk in pending]
-    else:
-        mine = []
+            mine, lost = _write_batch(updates, fields, db, names)
     result.rows += len(mine)
     result.rotated += sum(counts.get(pk, 0) for pk in mine)
     return [row[0] for row in batch], lost

@@ -249,10 +249,10 @@ def test_a_row_written_by_a_sender_mid_batch_is_not_overwritten(owner, monkeypat
     with override_settings(MAILGOV_ENCRYPTION_KEYS=[OLD]):
         reset_keyring()
         refreshed, revoked, untouched = make_credentials(owner, 3)
-    original = services._write_sealed_if_unchanged
+    original = services._write_batch
     raced = []
 
-    def sender_writes_first(rows, fields, *args):
+    def sender_writes_first(rows, *args):
         if not raced:
             raced.append(True)
             row = MailboxCredentials.objects.get(pk=refreshed.pk)
@@ -261,11 +261,11 @@ def test_a_row_written_by_a_sender_mid_batch_is_not_overwritten(owner, monkeypat
             MailboxCredentials.objects.filter(pk=revoked.pk).update(
                 access_token=None, refresh_token=None
             )
-        return original(rows, fields, *args)
+        return original(rows, *args)
 
     with override_settings(MAILGOV_ENCRYPTION_KEYS=[NEW, OLD]):
         reset_keyring()
-        monkeypatch.setattr(services, "_write_sealed_if_unchanged", sender_writes_first)
+        monkeypatch.setattr(services, "_write_batch", sender_writes_first)
         result = rotate_keys(batch_size=10)
         assert raced
         assert result.busy_rows == [] and result.failed_rows == []

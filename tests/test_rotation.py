@@ -18,6 +18,7 @@ from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 from django.test import override_settings
 
+from mailgov import rotation
 from mailgov.crypto import generate_key_entry, reset_keyring
 from mailgov.fields import Sealed
 from mailgov.models import Mailbox, MailboxCredentials, SendLog
@@ -244,12 +245,10 @@ def test_a_row_written_by_a_sender_mid_batch_is_not_overwritten(owner, monkeypat
     new access token under the primary key, the refresh token kept) and
     revokes another (tokens wiped). Neither is overwritten by the rotation's
     stale values; the first is rotated on a later pass, the second left wiped."""
-    from mailgov import services
-
     with override_settings(MAILGOV_ENCRYPTION_KEYS=[OLD]):
         reset_keyring()
         refreshed, revoked, untouched = make_credentials(owner, 3)
-    original = services._write_batch
+    original = rotation._write_batch
     raced = []
 
     def sender_writes_first(rows, *args):
@@ -265,7 +264,7 @@ def test_a_row_written_by_a_sender_mid_batch_is_not_overwritten(owner, monkeypat
 
     with override_settings(MAILGOV_ENCRYPTION_KEYS=[NEW, OLD]):
         reset_keyring()
-        monkeypatch.setattr(services, "_write_batch", sender_writes_first)
+        monkeypatch.setattr(rotation, "_write_batch", sender_writes_first)
         result = rotate_keys(batch_size=10)
         assert raced
         assert result.busy_rows == [] and result.failed_rows == []

@@ -176,8 +176,7 @@ def check_provider_bindings(app_configs: Any = None, **kwargs: Any) -> list[chec
             f"Restore the configuration of {provider_id!r} in MAILGOV_PROVIDERS. If the change "
             "is intended and the new endpoints belong to the provider that issued these "
             f"grants, run 'manage.py mailgov_providers bind {provider_id} --yes'. Otherwise "
-            "revoke "
-            "the mailboxes (their owners reconnect through the new provider). "
+            "revoke the mailboxes (their owners reconnect through the new provider). "
             "'manage.py mailgov_providers status' lists every binding."
         )
         if not row["binding"]:

@@ -93,7 +93,8 @@ class Provider:
     @property
     def issuer(self) -> str:
         """Who issues this provider's tokens: its token endpoint (Google,
-        Microsoft) or its configured issuer (OIDC). From settings only."""
+        Microsoft) or the discovery document it reads (OIDC). From settings
+        only."""
         return self.token_endpoint
 
     @property

@@ -71,8 +71,9 @@ def key_usage() -> dict[str, int]:
     return counts
 
 
-#: Null-safe equality per database vendor, for the compare-and-set of rotation.
-_SAME_AS = {"postgresql": "IS NOT DISTINCT FROM", "sqlite": "IS", "mysql": "<=>"}
+#: Null-safe equality per database vendor, for the compare-and-set of rotation
+#: (PostgreSQL has a path of its own, _write_batch_postgresql).
+_SAME_AS = {"sqlite": "IS", "mysql": "<=>"}
 
 
 def _write_sealed_if_unchanged(

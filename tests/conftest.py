@@ -21,8 +21,9 @@ from django.core.cache import cache
 from mailgov.crypto import reset_keyring
 from mailgov.models import Mailbox, MailboxCredentials
 from mailgov.pkce import make_pkce_pair
+from mailgov.providers import TokenResponse
 from mailgov.providers.oidc import clear_discovery_cache
-from mailgov.services import connect_mailbox_from_code
+from mailgov.services import connect_mailbox, connect_mailbox_from_code
 from mailgov.testing.ca import TLSFiles, ensure_tls_files
 from mailgov.testing.oauth import authorize
 from mailgov.testing.peers import AuthServer, free_port, start_authserver
@@ -240,6 +241,20 @@ def assert_refresh_token_revoked(authserver: AuthServer, token: str) -> None:
     """The server marked ``token`` revoked, and redeeming it is refused."""
     assert refresh_token_state(authserver, token) == "revoked"
     assert refresh_grant_error(authserver, token) == "invalid_grant"
+
+
+def connect_google(owner, *, access: str = "ya29.a", refresh: str | None = "1//r") -> Mailbox:
+    """``owner``'s Google mailbox from a token response (no network: Google's
+    endpoints are stood in for where a test needs them). The caller configures
+    the ``google`` provider."""
+    scopes = ["https://mail.google.com/"]
+    return connect_mailbox(
+        owner=owner,
+        provider_id="google",
+        response=TokenResponse(access, refresh, 3599, scopes),
+        address="alice@gmail.example",
+        requested_scopes=scopes,
+    )
 
 
 def token_active(authserver: AuthServer, token: str) -> bool:

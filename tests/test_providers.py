@@ -30,7 +30,7 @@ from mailgov.providers import (
 )
 from mailgov.providers.oidc import clear_discovery_cache
 from mailgov.services import bind_mailboxes, connect_mailbox, suspend_mailbox
-from tests.conftest import secrets_of
+from tests.conftest import connect_google, secrets_of
 from tests.stubs import StubReply, token_endpoint_stub
 
 
@@ -262,13 +262,7 @@ def test_a_redirect_never_takes_the_refresh_token_elsewhere(monkeypatch, status)
 def test_a_malformed_token_endpoint_is_never_silenced(settings, site_user, monkeypatch, endpoint):
     settings.EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
     settings.MAILGOV_PROVIDERS = {"google": {"client_id": "c", "client_secret": "s"}}
-    mailbox = connect_mailbox(
-        owner=site_user("alice"),
-        provider_id="google",
-        response=TokenResponse("ya29.a", "1//r", 3599, ["https://mail.google.com/"]),
-        address="alice@gmail.example",
-        requested_scopes=[],
-    )
+    mailbox = connect_google(site_user("alice"))
     MailboxCredentials.objects.filter(pk=mailbox.pk).update(expires_at=None)
     monkeypatch.setattr(GoogleProvider, "token_endpoint", endpoint)
     # Another token endpoint is another provider identity: bound on purpose,
@@ -286,16 +280,6 @@ MAIL = ["https://mail.google.com/"]
 @pytest.fixture
 def google(settings):
     settings.MAILGOV_PROVIDERS = {"google": {"client_id": "c"}}
-
-
-def connect_google(owner, refresh="1//r"):
-    return connect_mailbox(
-        owner=owner,
-        provider_id="google",
-        response=TokenResponse("ya29.a", refresh, 3600, MAIL),
-        address="alice@gmail.example",
-        requested_scopes=MAIL,
-    )
 
 
 def test_a_suspended_mailbox_stays_suspended_through_a_new_consent(site_user, google):

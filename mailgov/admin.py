@@ -14,7 +14,7 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from mailgov.exceptions import MailgovConfigurationError
-from mailgov.models import Mailbox, SendLog
+from mailgov.models import Mailbox, OutboxAttempt, OutboxMessage, SendLog
 from mailgov.services import revoke_mailbox
 
 security_logger = logging.getLogger("mailgov.security")
@@ -98,4 +98,48 @@ class SendLogAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class OutboxAttemptInline(admin.TabularInline):
+    model = OutboxAttempt
+    fields = ("started_at", "finished_at", "outcome", "reply_code", "error_code", "worker")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    ordering = ("started_at",)
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(admin.ModelAdmin):
+    """The outbox: states, attempts, reasons. Never the body (encrypted, and
+    not a field of any form here) nor the recipients (inside it)."""
+
+    list_display = (
+        "created_at",
+        "kind",
+        "mailbox",
+        "state",
+        "attempts",
+        "next_attempt_at",
+        "error_code",
+        "reply_code",
+    )
+    list_filter = ("state", "kind", "mailbox__provider")
+    search_fields = ("message_id", "mailbox__address")
+    list_select_related = ("mailbox",)
+    readonly_fields = [f.name for f in OutboxMessage._meta.fields if f.name != "payload"]
+    exclude = ("payload", "claim_id")
+    inlines = [OutboxAttemptInline]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
         return False

@@ -25,4 +25,15 @@ class MailgovConfig(AppConfig):
         # Status, scopes and revocation are audited; the timestamps that move
         # at every send or refresh are not, or the trail would drown in them.
         # Credentials are never registered: no token reaches an audit diff.
-        auditlog.register(Mailbox, exclude_fields=["last_used_at", "last_refreshed_at"])
+        auditlog.register(
+            Mailbox,
+            exclude_fields=[
+                "last_used_at",
+                "last_refreshed_at",
+                "refresh_failed_on",
+                "refresh_failures",
+                "refresh_retry_at",
+                "revocation_attempts",
+                "revocation_retry_at",
+            ],
+        )

@@ -14,6 +14,7 @@ from mailgov.exceptions import KeyringError, MailgovConfigurationError
 from mailgov.models import Mailbox
 from mailgov.providers import PINNED_KEYS, describe_identity, provider_type
 from mailgov.services import provider_bindings
+from mailgov.throttling import quota_for
 
 logger = logging.getLogger("mailgov")
 DUMMY_ENGINE = "django.db.backends.dummy"
@@ -31,6 +32,7 @@ PROVIDER_PINNED = "mailgov.E011"
 PROVIDER_NO_CLIENT = "mailgov.E012"
 PROVIDER_CHANGED = "mailgov.E013"
 PROVIDER_UNBOUND = "mailgov.E014"
+PROVIDER_QUOTA = "mailgov.E015"
 NUMBER_NOT_POSITIVE = "mailgov.E020"
 SQLITE_NOT_IMMEDIATE = "mailgov.W001"
 
@@ -71,10 +73,14 @@ def check_providers(app_configs: Any = None, **kwargs: Any) -> list[checks.Check
     for provider_id, config in providers.items():
         try:
             cls = provider_type(provider_id, config)
-            cls(provider_id, config)
+            provider = cls(provider_id, config)
         except MailgovConfigurationError as exc:
             messages.append(checks.Error(str(exc), obj=provider_id, id=PROVIDER_INVALID))
             continue
+        try:
+            quota_for(provider)
+        except MailgovConfigurationError as exc:
+            messages.append(checks.Error(str(exc), obj=provider_id, id=PROVIDER_QUOTA))
         if cls.smtp_pinned and any(key in config for key in PINNED_KEYS):
             messages.append(
                 checks.Error(

@@ -53,6 +53,41 @@ DEFAULTS: dict[str, Any] = {
     "SECURITY_CONTACT": None,
     "CALLBACK_RATE": "20/m",
     "DISCONNECT_RATE": "10/m",
+    # -- the outbox (mailgov.outbox, mailgov.backends.queued) -----------------
+    # Messages claimed (and sent over one connection) per batch and mailbox.
+    "OUTBOX_BATCH_SIZE": 50,
+    # How long a claimed batch may stay ``sending`` before it counts as
+    # interrupted (its worker died). Longer than a batch takes to send.
+    "OUTBOX_LEASE_SECONDS": 300,
+    # An interrupted message (its worker died after claiming it, perhaps after
+    # the server accepted it): "retry" sends it again with the same
+    # Message-ID (at least once), "hold" holds it for an operator.
+    "OUTBOX_ON_INTERRUPTED": "retry",
+    # Retries after a passing error: exponential backoff with jitter, from
+    # BASE up to MAX seconds, and how many failed attempts before ``failed``.
+    "OUTBOX_RETRY_BASE_SECONDS": 30,
+    "OUTBOX_RETRY_MAX_SECONDS": 3600,
+    "OUTBOX_MAX_ATTEMPTS": 10,
+    # Bodies of failed or held messages are kept this long (to retry them).
+    "OUTBOX_FAILED_RETENTION_DAYS": 7,
+    # -- background work (mailgov.lifecycle, mailgov.tasks) --------------------
+    # The proactive refresh renews access tokens expiring within this window,
+    # of mailboxes used within DORMANT_DAYS, CONCURRENCY at a time.
+    "REFRESH_AHEAD_SECONDS": 900,
+    "REFRESH_CONCURRENCY": 8,
+    # After refreshing failed on this many calendar days, the mailbox shows as
+    # "refresh failing" and its owner is told (once; and once on recovery).
+    "REFRESH_FAILING_DAYS": 3,
+    # Grants unused this long are revoked; owners are warned this long before.
+    "DORMANT_DAYS": 60,
+    "DORMANT_WARNING_DAYS": 7,
+    # Provider-side revocation: attempts (with backoff) before it is reported
+    # and left for a manual retry (mailgov_retry_revocations).
+    "REVOCATION_MAX_ATTEMPTS": 8,
+    # Retention of send logs and outbox attempts, and of consent receipts of
+    # grants that have ended (proof of consent outlives the grant).
+    "SENDLOG_RETENTION_DAYS": 90,
+    "RECEIPT_RETENTION_DAYS": 1095,
 }
 
 #: Settings that may also come from the process environment.

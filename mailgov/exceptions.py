@@ -90,6 +90,11 @@ class SMTPAuthenticationRejected(MailgovError, smtplib.SMTPAuthenticationError):
     """The SMTP server refused the XOAUTH2 login even after one forced refresh."""
 
 
+class OutboxStateError(MailgovError, ValueError):
+    """An outbox message is not in a state that allows what was asked (retry a
+    sent message, cancel one being sent), or does not exist."""
+
+
 class SendCancelled(MailgovError):
     """Raised by a pre-send receiver to stop a message."""
 

@@ -65,6 +65,30 @@ class Mailbox(models.Model):
     # followed by plain words; never a provider's raw response body.
     revocation_reason = models.CharField(_("revocation reason"), max_length=255, blank=True)
 
+    # -- lifecycle (mailgov.lifecycle): proactive refresh, dormancy, throttling.
+    # Calendar days on which refreshing failed, counted once a day (a provider
+    # outage of a few hours costs nobody a grant); reset by a success.
+    refresh_failing_days = models.PositiveSmallIntegerField(_("refresh failing days"), default=0)
+    refresh_failed_on = models.DateField(_("last refresh failure"), null=True, blank=True)
+    # Failed refresh attempts in a row (the backoff's exponent) and when the
+    # proactive refresh may try again.
+    refresh_failures = models.PositiveIntegerField(_("refresh failures in a row"), default=0)
+    refresh_retry_at = models.DateTimeField(_("refresh retry at"), null=True, blank=True)
+    # The owner was told that refreshing keeps failing (told once; told again
+    # once when it recovers).
+    refresh_failing_notified = models.BooleanField(_("owner told refresh fails"), default=False)
+    # The owner chose to keep a mailbox that was about to be revoked as dormant.
+    kept_at = models.DateTimeField(_("kept by owner"), null=True, blank=True)
+    dormant_warned_at = models.DateTimeField(_("dormancy warning sent"), null=True, blank=True)
+    # A provider's throttling reply pauses the mailbox's sending until then.
+    sending_paused_until = models.DateTimeField(_("sending paused until"), null=True, blank=True)
+    sending_paused_reason = models.CharField(_("pause reason"), max_length=255, blank=True)
+    # Provider-side revocation still to do (see services.revoke_at_provider):
+    # attempts so far, the next one, and when mailgov gave up retrying.
+    revocation_attempts = models.PositiveSmallIntegerField(_("revocation attempts"), default=0)
+    revocation_retry_at = models.DateTimeField(_("revocation retry at"), null=True, blank=True)
+    revocation_given_up_at = models.DateTimeField(_("revocation given up"), null=True, blank=True)
+
     class Meta:
         verbose_name = _("mailbox")
         verbose_name_plural = _("mailboxes")
@@ -93,6 +117,13 @@ class Mailbox(models.Model):
     def has_scopes(self, scopes: list[str] | tuple[str, ...]) -> bool:
         granted = set(self.scopes or ())
         return all(scope in granted for scope in scopes)
+
+    @property
+    def refresh_failing(self) -> bool:
+        """Refreshing has failed on ``MAILGOV_REFRESH_FAILING_DAYS`` days or more."""
+        from mailgov.conf import mailgov_settings
+
+        return self.refresh_failing_days >= mailgov_settings.REFRESH_FAILING_DAYS
 
 
 class MailboxCredentials(models.Model):
@@ -212,3 +243,152 @@ class ConsentReceipt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.capability} {self.address}"
+
+
+class OutboxMessage(models.Model):
+    """A message waiting to be sent, or the record of one that was.
+
+    The database row is the source of truth: the broker only carries the
+    hint "there is work for mailbox X". The envelope and the serialized
+    message are one encrypted value (``payload``), bound to this row; it is
+    deleted once the message is sent, and kept
+    ``MAILGOV_OUTBOX_FAILED_RETENTION_DAYS`` after it failed or was held.
+    See :mod:`mailgov.outbox` for the states and who moves a row between them.
+    """
+
+    class State(models.TextChoices):
+        QUEUED = "queued", _("Queued")
+        SENDING = "sending", _("Sending")
+        SENT = "sent", _("Sent")
+        FAILED = "failed", _("Failed")
+        HELD = "held", _("Held")
+        CANCELLED = "cancelled", _("Cancelled")
+
+    class Kind(models.TextChoices):
+        MAIL = "mail", _("Mail from a mailbox")
+        NOTIFICATION = "notification", _("Notice to an owner")
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    kind = models.CharField(_("kind"), max_length=16, choices=Kind.choices, default=Kind.MAIL)
+    # The sending mailbox (mail), or the mailbox a notice is about.
+    mailbox = models.ForeignKey(
+        Mailbox,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="outbox",
+        verbose_name=_("mailbox"),
+    )
+    # The owner a notice goes to (null for mail).
+    recipient_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="mailgov_notifications",
+        verbose_name=_("notified user"),
+    )
+    event = models.CharField(_("event"), max_length=64, blank=True)
+    message_id = models.CharField(_("Message-ID"), max_length=998)
+    # Scoped to the mailbox (or "notify:") so that keys of different senders
+    # never meet.
+    idempotency_key = models.CharField(
+        _("idempotency key"), max_length=300, null=True, blank=True, unique=True
+    )
+    payload = EncryptedTextField(null=True)
+    recipient_count = models.PositiveIntegerField(_("recipients"), default=0)
+    state = models.CharField(_("state"), max_length=12, choices=State.choices, default=State.QUEUED)
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    # Attempts that ended in a retryable error (what MAILGOV_OUTBOX_MAX_ATTEMPTS
+    # counts; quota deferrals and throttling pauses are not failures).
+    failures = models.PositiveIntegerField(_("failed attempts"), default=0)
+    next_attempt_at = models.DateTimeField(_("next attempt"), default=timezone.now)
+    claim_id = models.UUIDField(null=True, blank=True, editable=False)
+    claimed_by = models.CharField(_("worker"), max_length=200, blank=True)
+    lease_expires_at = models.DateTimeField(_("lease expires"), null=True, blank=True)
+    # A short code ("smtp_550", "connection_lost", "needs_reconsent", ...),
+    # never a server's reply text.
+    error_code = models.CharField(_("error"), max_length=64, blank=True)
+    reply_code = models.PositiveSmallIntegerField(_("SMTP reply code"), null=True, blank=True)
+    held_reason = models.CharField(_("held because"), max_length=255, blank=True)
+    created_at = models.DateTimeField(_("queued"), default=timezone.now)
+    sent_at = models.DateTimeField(_("sent"), null=True, blank=True)
+    # When the row last reached sent, failed, held or cancelled (retention).
+    finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("outbox message")
+        verbose_name_plural = _("outbox")
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["state", "next_attempt_at"], name="mailgov_outbox_due"),
+            models.Index(fields=["mailbox", "state"], name="mailgov_outbox_mbox"),
+            models.Index(fields=["claim_id"], name="mailgov_outbox_claim"),
+            models.Index(fields=["state", "finished_at"], name="mailgov_outbox_done"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.state} {self.message_id}"
+
+    def __repr__(self) -> str:
+        return f"<OutboxMessage {self.pk} {self.state}>"
+
+
+class OutboxAttempt(models.Model):
+    """One attempt to send an outbox message: when, by which worker, how it ended."""
+
+    class Outcome(models.TextChoices):
+        STARTED = "started", _("Started")
+        SENT = "sent", _("Sent")
+        RETRY = "retry", _("Will be retried")
+        DEFERRED = "deferred", _("Deferred (quota or throttling)")
+        FAILED = "failed", _("Failed")
+        HELD = "held", _("Held")
+        CANCELLED = "cancelled", _("Cancelled")
+        INTERRUPTED = "interrupted", _("Interrupted (worker lost)")
+
+    id = models.BigAutoField(primary_key=True)
+    message = models.ForeignKey(
+        OutboxMessage, on_delete=models.CASCADE, related_name="attempt_rows"
+    )
+    claim_id = models.UUIDField(null=True, blank=True, editable=False)
+    worker = models.CharField(_("worker"), max_length=200, blank=True)
+    started_at = models.DateTimeField(_("started"), default=timezone.now)
+    finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
+    outcome = models.CharField(
+        _("outcome"), max_length=12, choices=Outcome.choices, default=Outcome.STARTED
+    )
+    reply_code = models.PositiveSmallIntegerField(_("SMTP reply code"), null=True, blank=True)
+    error_code = models.CharField(_("error"), max_length=64, blank=True)
+
+    class Meta:
+        verbose_name = _("outbox attempt")
+        verbose_name_plural = _("outbox attempts")
+        ordering = ["started_at"]
+        indexes = [
+            models.Index(fields=["started_at"], name="mailgov_attempt_started"),
+            models.Index(fields=["claim_id"], name="mailgov_attempt_claim"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.outcome} {self.started_at:%Y-%m-%d %H:%M:%S}"
+
+
+class SweepLock(models.Model):
+    """One row per periodic sweep: a database lock, so that two beats (or a
+    command run beside beat) on any number of hosts do a sweep's work once.
+    See :mod:`mailgov.sweeps`."""
+
+    name = models.CharField(max_length=64, primary_key=True)
+    holder = models.CharField(max_length=200, blank=True)
+    locked_until = models.DateTimeField(null=True, blank=True)
+    last_started_at = models.DateTimeField(null=True, blank=True)
+    last_finished_at = models.DateTimeField(null=True, blank=True)
+    last_result = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        verbose_name = _("sweep")
+        verbose_name_plural = _("sweeps")
+
+    def __str__(self) -> str:
+        return self.name

@@ -108,6 +108,8 @@ class PreparedMessage:
     recipients: list[str]
     data: bytes
     message_id: str
+    #: The caller's handle on this message (the outbox puts its row here).
+    ref: Any = None
 
 
 def prepare_message(message: EmailMessage) -> PreparedMessage:

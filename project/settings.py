@@ -12,6 +12,7 @@ from pathlib import Path
 
 import dj_database_url
 
+from mailgov.schedule import beat_schedule
 from project.localsecrets import secret_from_file
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -115,6 +116,8 @@ LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 
 EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
+# The queued backend (mailgov.backends.queued) stores each message in the
+# outbox, in the caller's transaction, for the Celery workers to send.
 DEFAULT_FROM_EMAIL = "alice@example.test"
 
 # --- mailgov ---------------------------------------------------------------
@@ -154,6 +157,38 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {"mailgov": {"handlers": ["console"], "level": "INFO"}},
 }
+
+# --- background work (Celery) ----------------------------------------------------
+# Embedded default: kombu's filesystem transport under var/broker (one host, no
+# server to install). Production: CELERY_BROKER_URL=redis://... or amqp://...
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or "filesystem://"
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    BROKER_DIR = Path(os.environ.get("MAILGOV_BROKER_DIR", VAR_DIR / "broker"))
+    for _folder in ("queue", "processed", "control"):
+        (BROKER_DIR / _folder).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(BROKER_DIR / "queue"),
+        "data_folder_out": str(BROKER_DIR / "queue"),
+        "processed_folder": str(BROKER_DIR / "processed"),
+        "store_processed": False,
+        # Broadcast (worker control) messages; kombu's default is ./control.
+        "control_folder": str(BROKER_DIR / "control"),
+    }
+else:
+    # Redis: a task not acknowledged within the visibility timeout is given to
+    # another worker. mailgov's tasks never use countdowns, and the outbox
+    # rows, not the broker, decide what is sent, so redelivery is harmless.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+    if os.environ.get("CELERY_BROKER_KEYPREFIX"):
+        CELERY_BROKER_TRANSPORT_OPTIONS["global_keyprefix"] = os.environ["CELERY_BROKER_KEYPREFIX"]
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BEAT_SCHEDULE = beat_schedule()
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 # --- sign-in (django-allauth) and consent ----------------------------------------
 # Sign-in asks for identity only; mail access is asked for later, on mailgov's

@@ -32,7 +32,7 @@ import base64
 import logging
 import smtplib
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.core.mail.backends import smtp
@@ -70,6 +70,9 @@ def xoauth2_initial_response(address: str, token: str) -> str:
     raw = f"user={address}\x01auth=Bearer {token}\x01\x01"
     return base64.b64encode(raw.encode()).decode("ascii")
 
+
+#: ``on_result(item, error, refused)`` of :meth:`EmailBackend.send_prepared`.
+ResultCallback = Callable[[PreparedMessage, BaseException | None, dict[str, Any]], None]
 
 #: Transport failures: the only ones ``fail_silently`` may hide.
 TRANSPORT_ERRORS = (smtplib.SMTPException, OSError, ProviderUnavailableError)
@@ -328,10 +331,41 @@ class EmailBackend(smtp.EmailBackend):
                 self._record(logs)
         return sent_total
 
+    def send_prepared(
+        self,
+        mailbox: Mailbox,
+        items: Sequence[PreparedMessage],
+        on_result: ResultCallback,
+    ) -> int:
+        """Send messages already checked and serialized (the outbox's), all
+        from ``mailbox``, over one connection; return how many were sent.
+
+        ``on_result(item, error, refused)`` is called for each message as
+        soon as its fate is known: ``error`` is ``None`` once the server
+        accepted it (``refused`` then maps the recipients it refused to their
+        replies), else the exception. With ``fail_silently`` transport errors
+        reach ``on_result`` only; anything else is also raised, after
+        ``on_result`` was called for every message it concerns. The send log
+        is written as by :meth:`send_messages`.
+        """
+        logs: list[SendLog] = []
+        with self._lock:
+            try:
+                return self._send_group(mailbox, list(items), logs, on_result)
+            finally:
+                self._record(logs)
+
     def _send_group(
-        self, mailbox: Mailbox, items: list[PreparedMessage], logs: list[SendLog]
+        self,
+        mailbox: Mailbox,
+        items: list[PreparedMessage],
+        logs: list[SendLog],
+        on_result: ResultCallback | None = None,
     ) -> int:
         def fail(rest: Sequence[PreparedMessage], exc: BaseException) -> None:
+            if on_result is not None:
+                for item in rest:
+                    on_result(item, exc, {})
             now = timezone.now()
             logs.extend(
                 SendLog(
@@ -367,7 +401,7 @@ class EmailBackend(smtp.EmailBackend):
                     fail([item], exc)
                     continue
                 try:
-                    self.connection.sendmail(item.from_addr, item.recipients, item.data)
+                    refused = self.connection.sendmail(item.from_addr, item.recipients, item.data)
                 except (smtplib.SMTPServerDisconnected, OSError) as exc:
                     # The connection is gone: the rest of the group fails too.
                     fail(items[index:], exc)
@@ -385,13 +419,15 @@ class EmailBackend(smtp.EmailBackend):
                     SendLog(
                         mailbox=mailbox,
                         message_id=item.message_id,
-                        recipient_count=len(item.recipients),
+                        recipient_count=len(item.recipients) - len(refused or ()),
                         status=SendLog.Status.SENT,
                         attempted_at=now,
                         sent_at=now,
                     )
                 )
                 sent += 1
+                if on_result is not None:
+                    on_result(item, None, refused or {})
         finally:
             if new_connection:
                 self.close()

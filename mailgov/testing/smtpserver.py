@@ -145,6 +145,11 @@ class Faults:
       dropped without a reply; the message goes to ``dropped_messages``, not ``messages``.
     - ``smtp_auth_disabled``: every AUTH XOAUTH2 gets Microsoft's ``535 5.7.139`` (SMTP
       AUTH disabled for the tenant), which no refresh or re-consent can cure.
+    - ``data_reply``: when set (a whole reply line such as ``"421 4.7.0 Try again
+      later"`` or ``"550 5.4.5 Daily user sending limit exceeded."``), the end of each
+      DATA is answered with it instead of ``250`` and the message is not kept; a
+      ``421`` reply also closes the connection, as RFC 5321 says it must.
+      ``data_reply_count`` limits it to that many messages (0: every message).
     """
 
     no_starttls: bool = False
@@ -152,16 +157,18 @@ class Faults:
     xoauth2_challenge: bool = False
     close_after_data: bool = False
     smtp_auth_disabled: bool = False
+    data_reply: str = ""
+    data_reply_count: int = 0
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        """The fault names, as accepted by the ``--fault`` option."""
-        return tuple(f.name for f in fields(cls))
+        """The on/off fault names, as accepted by the ``--fault`` option."""
+        return tuple(f.name for f in fields(cls) if f.type in (bool, "bool"))
 
     def reset(self) -> None:
         """Switch every fault off."""
-        for name in self.names():
-            setattr(self, name, False)
+        for item in fields(self):
+            setattr(self, item.name, item.default)
 
 
 @dataclass(frozen=True)
@@ -547,6 +554,14 @@ class _SubmissionHandler:
             # Leave without a reply: this is how aiosmtpd's own code ends a session whose
             # connection went away (it closes the writer and lets the task end cancelled).
             raise asyncio.CancelledError
+        reply = owner._take_data_reply()
+        if reply:
+            if reply.startswith("421"):
+                assert isinstance(server, _SubmissionSMTP)
+                await server.push(reply)
+                server.abort()
+                raise asyncio.CancelledError
+            return reply
         owner._accept(message)
         return "250 2.0.0 OK"
 
@@ -807,6 +822,19 @@ class SubmissionServer(Controller):
         with self._lock:
             self._auth_attempts.append(AuthAttempt(mechanism, user, success))
         logger.info("AUTH %s for %r: %s", mechanism, user, "accepted" if success else "refused")
+
+    def _take_data_reply(self) -> str:
+        """The reply ``faults.data_reply`` gives this message ("" for none)."""
+        with self._lock:
+            faults = self.faults
+            if not faults.data_reply:
+                return ""
+            reply = faults.data_reply
+            if faults.data_reply_count:
+                faults.data_reply_count -= 1
+                if not faults.data_reply_count:
+                    faults.data_reply = ""
+            return reply
 
     def _record_dropped(self, message: ReceivedMessage) -> None:
         with self._lock:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from django.conf import settings
-from django.core.mail import EmailMessage, get_connection
-from django.template.loader import render_to_string
+from django.db import transaction
 from django.urls import reverse
 
 from mailgov.conf import mailgov_settings
 from mailgov.contrib.allauth.reasons import reason_text
 from mailgov.models import Mailbox
+from mailgov.notifications import notify_owner as notify_owner_of
 
 logger = logging.getLogger("mailgov.consent")
 
@@ -20,23 +19,21 @@ logger = logging.getLogger("mailgov.consent")
 def notify_owner(*, mailbox: Mailbox, reason: str, **kwargs: Any) -> None:
     """Tell the owner once, by email, that a mailbox stopped working and why.
 
-    ``mailbox_needs_reconsent`` is sent once per fall, after commit, so this
-    runs once, not at every failed attempt. A failure to notify is logged and
-    never breaks what caused it.
+    The notice goes through the outbox (sent by a worker with
+    ``MAILGOV_NOTIFICATION_BACKEND``, retried like mail), keyed by the
+    mailbox and the connection it fell from: one notice per fall, however
+    often the signal came. A failure to queue it is logged and never breaks
+    what caused it.
     """
-    owner = mailbox.owner
-    if not owner.email:
-        return
     link = (mailgov_settings.SITE_URL or "").rstrip("/") + reverse("mailgov:mailboxes")
-    context = {"mailbox": mailbox, "reason": reason_text(mailbox), "link": link}
-    message = EmailMessage(
-        render_to_string("mailgov/email/needs_reconsent_subject.txt", context).strip(),
-        render_to_string("mailgov/email/needs_reconsent.txt", context),
-        mailgov_settings.NOTIFICATION_FROM or settings.DEFAULT_FROM_EMAIL,
-        [owner.email],
-        connection=get_connection(mailgov_settings.NOTIFICATION_BACKEND),
-    )
     try:
-        message.send()
+        with transaction.atomic():
+            notify_owner_of(
+                mailbox,
+                event="needs_reconsent",
+                template="needs_reconsent",
+                key=f"needs_reconsent:{mailbox.pk}:{mailbox.connected_at.isoformat()}",
+                context={"reason": reason_text(mailbox), "link": link},
+            )
     except Exception as exc:
         logger.error("could not tell the owner of mailbox %s: %s", mailbox.pk, type(exc).__name__)

@@ -1,0 +1,73 @@
+"""Celery tasks: thin, named ``mailgov.<verb>``, each calling a service.
+
+The logic lives in :mod:`mailgov.outbox`, :mod:`mailgov.delivery`,
+:mod:`mailgov.lifecycle` and :mod:`mailgov.services`; a task only picks the
+arguments and, for the periodic sweeps, takes the sweep's database lock
+(:mod:`mailgov.sweeps`) so that two beats do the work once.
+
+No task carries a message body, an address or a token: arguments are ids.
+No task retries itself with a countdown (a countdown longer than Redis's
+visibility timeout is redelivered in a loop): retries are times in database
+rows that a periodic sweep picks up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from mailgov import delivery, lifecycle, outbox, services
+from mailgov.schedule import PERIODS
+from mailgov.sweeps import exclusive
+
+
+def _sweep(name: str, work: Any, **kwargs: Any) -> dict[str, Any] | None:
+    period = PERIODS[name]
+    with exclusive(name, ttl=max(600, period * 2), min_interval=period / 2) as run:
+        if not run:
+            return None
+        run.result = work(**kwargs) or {}
+        return run.result
+
+
+@shared_task(name="mailgov.deliver_outbox", ignore_result=True)
+def deliver_outbox(mailbox_id: str | None = None, kind: str = "mail") -> dict[str, int]:
+    """Send the due outbox messages of one mailbox (or the due notices)."""
+    return delivery.deliver(mailbox_id=mailbox_id, kind=kind)
+
+
+@shared_task(name="mailgov.dispatch_outbox", ignore_result=True)
+def dispatch_outbox() -> dict[str, int] | None:
+    """Recover interrupted sends and publish work for every mailbox with due mail."""
+    return _sweep("mailgov.dispatch_outbox", outbox.dispatch)
+
+
+@shared_task(name="mailgov.refresh_tokens", ignore_result=True)
+def refresh_tokens() -> dict[str, int] | None:
+    """Refresh the access tokens of mailboxes in use that expire soon."""
+    return _sweep("mailgov.refresh_tokens", lifecycle.refresh_expiring)
+
+
+@shared_task(name="mailgov.retry_revocations", ignore_result=True)
+def retry_revocations() -> dict[str, int] | None:
+    """Retry the provider-side revocations whose time has come."""
+    return _sweep("mailgov.retry_revocations", services.retry_revocations, due_only=True)
+
+
+@shared_task(name="mailgov.revoke_at_provider", ignore_result=True)
+def revoke_at_provider(mailbox_id: str) -> str:
+    """Revoke one revoked mailbox's grant at its provider (idempotent)."""
+    return services.revoke_at_provider(mailbox_id)
+
+
+@shared_task(name="mailgov.revoke_dormant", ignore_result=True)
+def revoke_dormant() -> dict[str, int] | None:
+    """Warn the owners of grants about to go dormant, revoke the dormant ones."""
+    return _sweep("mailgov.revoke_dormant", lifecycle.revoke_dormant)
+
+
+@shared_task(name="mailgov.purge", ignore_result=True)
+def purge() -> dict[str, int] | None:
+    """Delete what is past its retention (send logs, attempts, bodies, receipts)."""
+    return _sweep("mailgov.purge", lifecycle.purge)

@@ -1,0 +1,502 @@
+"""The outbox and the queued backend, in this process, against the real peers.
+
+Workers in other processes, brokers and faults that kill a worker are in
+test_workers.py; here ``delivery.deliver()`` runs in the test's own process
+so that each outcome can be asserted step by step, with time injected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.conf import settings as django_settings
+from django.core import mail
+from django.core.mail import EmailMessage, get_connection
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.db import OperationalError, connection, transaction
+from django.test import TestCase
+from django.utils import timezone
+
+from mailgov import delivery, outbox
+from mailgov.conf import mailgov_settings
+from mailgov.exceptions import (
+    InvalidMessageError,
+    MailboxUnavailableError,
+    OutboxStateError,
+)
+from mailgov.models import Mailbox, OutboxAttempt, OutboxMessage, SendLog
+from mailgov.services import mark_needs_reconsent
+from tests.conftest import secrets_of
+
+State = OutboxMessage.State
+Outcome = OutboxAttempt.Outcome
+QUEUED = "mailgov.backends.queued.EmailBackend"
+
+
+def on_commit():
+    return TestCase.captureOnCommitCallbacks(execute=True)
+
+
+def queue(sender: str, *, count: int = 1, subject: str = "Hello", key=None, to=None, **kw):
+    """Put ``count`` messages from ``sender`` into the outbox; return their rows."""
+    backend = get_connection(QUEUED)
+    messages = []
+    for index in range(count):
+        message = EmailMessage(
+            f"{subject} {index}", "Body text.", sender, to or ["bob@example.test"], **kw
+        )
+        if key is not None:
+            message.idempotency_key = key
+        messages.append(message)
+    with on_commit():
+        assert backend.send_messages(messages) == count
+    return [OutboxMessage.objects.get(pk=message.outbox_id) for message in messages]
+
+
+def broker_files() -> list[Path]:
+    folder = Path(django_settings.CELERY_BROKER_TRANSPORT_OPTIONS["data_folder_in"])
+    return sorted(folder.glob("*"))
+
+
+@pytest.fixture
+def alice_box(connect, smtp):
+    return connect("alice")
+
+
+# -- refused before anything is stored ---------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("build", "error"),
+    [
+        (
+            lambda: EmailMessage("a\r\nBcc: x@y.test", "b", "alice@example.test", ["z@x.test"]),
+            InvalidMessageError,
+        ),
+        (
+            lambda: EmailMessage("s", "b", "alice@example.test", ["bad\naddr@x.test"]),
+            InvalidMessageError,
+        ),
+        (
+            lambda: EmailMessage("s", "b", "nobody@example.test", ["z@x.test"]),
+            MailboxUnavailableError,
+        ),
+        (lambda: EmailMessage("s", "b", "alice@example.test", []), InvalidMessageError),
+        (
+            lambda: EmailMessage(
+                "s", "b", "alice@example.test", [f"r{i}@x.test" for i in range(101)]
+            ),
+            InvalidMessageError,
+        ),
+    ],
+    ids=[
+        "header-injection",
+        "bad-address",
+        "unknown-sender",
+        "no-recipient",
+        "too-many-recipients",
+    ],
+)
+def test_refused_messages_store_nothing(alice_box, build, error):
+    before = broker_files()
+    with pytest.raises(error), on_commit():
+        get_connection(QUEUED, fail_silently=True).send_messages([build()])
+    assert OutboxMessage.objects.count() == 0
+    assert broker_files() == before
+
+
+@pytest.mark.django_db
+def test_an_inactive_mailbox_is_refused_at_enqueue(alice_box):
+    mark_needs_reconsent(alice_box, "invalid_grant")
+    with pytest.raises(MailboxUnavailableError):
+        queue("alice@example.test")
+    assert OutboxMessage.objects.count() == 0
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("key", ["", "x" * 201, "a\nb", 42])
+def test_bad_idempotency_keys_are_refused(alice_box, key):
+    with pytest.raises(InvalidMessageError):
+        queue("alice@example.test", key=key)
+    assert OutboxMessage.objects.count() == 0
+
+
+# -- stored in the caller's transaction, published on commit --------------------------
+
+
+@pytest.mark.django_db
+def test_rows_belong_to_the_callers_transaction(alice_box):
+    before = broker_files()
+    with on_commit():
+        try:
+            with transaction.atomic():
+                EmailMessage(
+                    "s", "b", "alice@example.test", ["z@x.test"], connection=get_connection(QUEUED)
+                ).send()
+                assert OutboxMessage.objects.count() == 1
+                raise RuntimeError("the caller's work failed")
+        except RuntimeError:
+            pass
+    assert OutboxMessage.objects.count() == 0
+    assert broker_files() == before  # nothing published for a rolled-back row
+
+
+@pytest.mark.django_db
+def test_the_broker_carries_ids_and_the_row_no_clear_text(alice_box):
+    before = set(broker_files())
+    [row] = queue("alice@example.test", subject="Quarterly numbers", to=["carol@example.test"])
+    published = set(broker_files()) - before
+    assert len(published) == 1
+    raw = b"".join(path.read_bytes() for path in published)
+    assert str(alice_box.pk).encode() in raw
+    for clear in (b"Quarterly", b"carol@example.test", b"Body text"):
+        assert clear not in raw
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT payload FROM mailgov_outboxmessage WHERE id = %s",
+            [row.pk.hex if connection.vendor == "sqlite" else row.pk],
+        )
+        [stored] = cursor.fetchone()
+    assert "Quarterly" not in stored and "carol@" not in stored
+    assert row.recipient_count == 1 and row.state == State.QUEUED
+    assert row.message_id.startswith("<") and row.message_id.endswith(">")
+
+
+@pytest.mark.django_db
+def test_an_idempotency_key_stores_and_sends_once_per_mailbox(alice_box, connect, smtp):
+    bob_box = connect("bob")
+    [first] = queue("alice@example.test", key="order-42")
+    [again] = queue("alice@example.test", key="order-42")
+    [bobs] = queue("bob@example.test", key="order-42")
+    assert again.pk == first.pk and bobs.pk != first.pk
+    assert OutboxMessage.objects.count() == 2
+    delivery.deliver()
+    assert sorted(m.auth_user for m in smtp.messages) == ["alice@example.test", "bob@example.test"]
+    assert bob_box.address == "bob@example.test"
+
+
+# -- delivery -------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_queued_message_is_sent_once_with_its_message_id(alice_box, smtp, leak_check):
+    rows = queue("alice@example.test", count=3)
+    assert smtp.messages == []  # nothing goes out in the caller's request
+    counts = delivery.deliver(worker="w1")
+    assert counts == {Outcome.SENT: 3}
+    assert sorted(m.parse()["Message-ID"] for m in smtp.messages) == sorted(
+        r.message_id for r in rows
+    )
+    for row in rows:
+        row.refresh_from_db()
+        assert row.state == State.SENT and row.sent_at and row.payload is None
+        [attempt] = row.attempt_rows.all()
+        assert (attempt.outcome, attempt.worker, attempt.reply_code) == (Outcome.SENT, "w1", 250)
+    assert SendLog.objects.filter(status=SendLog.Status.SENT).count() == 3
+    assert delivery.deliver() == {}  # nothing left
+    assert len(smtp.messages) == 3
+    leak_check(secrets_of(alice_box))
+
+
+@pytest.mark.django_db
+def test_a_5xx_reply_fails_the_message_with_its_code(alice_box, smtp):
+    [row] = queue("alice@example.test")
+    smtp.faults.data_reply = "554 5.6.0 Message rejected"
+    delivery.deliver()
+    row.refresh_from_db()
+    assert (row.state, row.reply_code, row.error_code) == (State.FAILED, 554, "smtp_554")
+    assert row.payload is not None  # kept for a retry (retention)
+    with pytest.raises(OutboxStateError):
+        outbox.cancel_message(row.pk) and outbox.cancel_message(row.pk)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("fault", "value", "code"),
+    [
+        ("data_reply", "451 4.3.0 Local error", "smtp_451"),
+        ("data_reply", "454 4.7.0 Temporary failure", "smtp_454"),
+        ("close_after_data", True, "connection_lost"),
+    ],
+)
+def test_a_passing_failure_is_retried_later_with_the_same_message_id(
+    alice_box, smtp, settings, fault, value, code
+):
+    settings.MAILGOV_OUTBOX_RETRY_BASE_SECONDS = 60
+    [row] = queue("alice@example.test")
+    setattr(smtp.faults, fault, value)
+    start = timezone.now()
+    delivery.deliver()
+    row.refresh_from_db()
+    assert (row.state, row.error_code, row.failures) == (State.QUEUED, code, 1)
+    assert start + timedelta(seconds=29) < row.next_attempt_at < start + timedelta(seconds=62)
+    assert smtp.messages == []
+    smtp.faults.reset()
+    assert delivery.deliver() == {}  # not due yet
+    later = row.next_attempt_at + timedelta(seconds=1)
+    delivery.deliver(now_fn=lambda: later)
+    row.refresh_from_db()
+    assert row.state == State.SENT
+    [received] = smtp.messages
+    assert received.parse()["Message-ID"] == row.message_id
+    outcomes = list(row.attempt_rows.values_list("outcome", flat=True))
+    assert outcomes == [Outcome.RETRY, Outcome.SENT]
+
+
+@pytest.mark.django_db
+def test_backoff_grows_and_gives_up_after_the_limit(alice_box, smtp, settings):
+    settings.MAILGOV_OUTBOX_MAX_ATTEMPTS = 3
+    settings.MAILGOV_OUTBOX_RETRY_BASE_SECONDS = 10
+    [row] = queue("alice@example.test")
+    smtp.faults.data_reply = "451 4.3.0 Try later"
+    now = timezone.now()
+    delays = []
+    for _ in range(3):
+        delivery.deliver(now_fn=lambda now=now: now)
+        row.refresh_from_db()
+        delays.append((row.next_attempt_at - now).total_seconds())
+        now = row.next_attempt_at + timedelta(seconds=1)
+    assert row.state == State.FAILED and row.error_code == "gave_up:smtp_451"
+    assert 5 <= delays[0] <= 10 and 10 <= delays[1] <= 20
+    assert row.attempt_rows.count() == 3
+
+
+@pytest.mark.django_db
+def test_a_throttling_reply_pauses_the_mailbox_and_keeps_its_messages(alice_box, smtp, settings):
+    settings.MAILGOV_PROVIDERS = {
+        "demo": {**settings.MAILGOV_PROVIDERS["demo"], "quota": {"messages": None}}
+    }
+    rows = queue("alice@example.test", count=3)
+    smtp.faults.data_reply = "421 4.7.0 Try again later, closing connection."
+    now = timezone.now()
+    delivery.deliver(now_fn=lambda: now)
+    alice_box.refresh_from_db()
+    assert alice_box.sending_paused_until and alice_box.sending_paused_until > now
+    for row in rows:
+        row.refresh_from_db()
+        assert row.state == State.QUEUED and row.failures == 0
+        assert row.next_attempt_at == alice_box.sending_paused_until
+    # One message met the reply; the others were not attempted.
+    assert OutboxAttempt.objects.filter(outcome=Outcome.DEFERRED, reply_code=421).count() == 1
+    smtp.faults.reset()
+    assert delivery.deliver(now_fn=lambda: now + timedelta(seconds=1)) == {}
+    after = alice_box.sending_paused_until + timedelta(seconds=1)
+    assert delivery.deliver(now_fn=lambda: after) == {Outcome.SENT: 3}
+
+
+@pytest.mark.django_db
+def test_over_quota_is_deferred_until_the_window_opens(alice_box, smtp, settings):
+    settings.MAILGOV_PROVIDERS = {
+        "demo": {
+            **settings.MAILGOV_PROVIDERS["demo"],
+            "quota": {"messages": 2, "window_seconds": 3600},
+        }
+    }
+    rows = queue("alice@example.test", count=3)
+    now = timezone.now() + timedelta(seconds=5)
+    assert delivery.deliver(now_fn=lambda: now) == {Outcome.SENT: 2}
+    [waiting] = [r for r in rows if OutboxMessage.objects.get(pk=r.pk).state == State.QUEUED]
+    waiting.refresh_from_db()
+    first_sent = SendLog.objects.order_by("attempted_at").first().attempted_at
+    assert waiting.next_attempt_at == first_sent + timedelta(seconds=3600)
+    assert waiting.error_code == "quota" and waiting.failures == 0
+    # Within the window: still nothing; after it: sent. Time injected, not slept.
+    assert delivery.deliver(now_fn=lambda: now + timedelta(minutes=30)) == {}
+    opens = waiting.next_attempt_at + timedelta(seconds=1)
+    assert delivery.deliver(now_fn=lambda: opens) == {Outcome.SENT: 1}
+    assert len(smtp.messages) == 3
+
+
+@pytest.mark.django_db
+def test_a_mailbox_that_needs_reconsent_holds_then_sends_after_reconnect(alice_box, smtp, connect):
+    rows = queue("alice@example.test", count=2)
+    mark_needs_reconsent(alice_box, "invalid_grant")
+    delivery.deliver()
+    for row in rows:
+        row.refresh_from_db()
+        assert row.state == State.HELD and row.error_code == "mailbox_needs_reconsent"
+        assert row.payload is not None
+    assert smtp.messages == []
+    outbox.dispatch(publish_fn=lambda ids, **kw: len(ids))
+    assert OutboxMessage.objects.filter(state=State.HELD).count() == 2  # still not active
+    connect("alice")  # the owner reconnects
+    counts = outbox.dispatch(publish_fn=lambda ids, **kw: len(ids))
+    assert counts["released"] == 2
+    delivery.deliver()
+    assert len(smtp.messages) == 2
+
+
+@pytest.mark.django_db
+def test_an_undecryptable_row_fails_by_name_and_the_others_go(alice_box, smtp, caplog):
+    first, second, third = queue("alice@example.test", count=3)
+    # The body of another row: bound to that row, it does not open here.
+    OutboxMessage.objects.filter(pk=second.pk).update(
+        payload=OutboxMessage.objects.get(pk=first.pk).__dict__["payload"]
+    )
+    caplog.set_level(logging.ERROR, logger="mailgov.outbox")
+    counts = delivery.deliver()
+    assert counts == {Outcome.SENT: 2, Outcome.FAILED: 1}
+    # (refresh_from_db() would decrypt the payload: read the columns only.)
+    stored = OutboxMessage.objects.filter(pk=second.pk).values_list("state", "error_code").get()
+    assert stored == (State.FAILED, "decryption_failed")
+    assert str(second.pk) in caplog.text
+    assert len(smtp.messages) == 2
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("policy", ["retry", "hold"])
+def test_an_expired_lease_is_an_interrupted_attempt(alice_box, smtp, settings, policy):
+    settings.MAILGOV_OUTBOX_ON_INTERRUPTED = policy
+    [row] = queue("alice@example.test")
+    claim = delivery.claim_batch("dead-worker")
+    assert [r.pk for r in claim.rows] == [row.pk]
+    assert delivery.claim_batch("other-worker") is None  # never claimed twice
+    assert outbox.recover_interrupted() == 0  # the lease still runs
+    later = timezone.now() + timedelta(seconds=mailgov_settings.OUTBOX_LEASE_SECONDS + 1)
+    assert outbox.recover_interrupted(now=later) == 1
+    row.refresh_from_db()
+    [attempt] = row.attempt_rows.all()
+    assert (attempt.outcome, attempt.worker) == (Outcome.INTERRUPTED, "dead-worker")
+    if policy == "hold":
+        assert row.state == State.HELD and "interrupted" in row.held_reason
+        assert delivery.deliver() == {}
+        outbox.retry_message(row.pk)
+    else:
+        assert row.state == State.QUEUED
+    delivery.deliver(now_fn=lambda: later)
+    row.refresh_from_db()
+    assert row.state == State.SENT
+    assert [m.parse()["Message-ID"] for m in smtp.messages] == [row.message_id]
+
+
+@pytest.mark.django_db
+def test_a_late_worker_still_records_what_it_sent(alice_box, smtp):
+    [row] = queue("alice@example.test")
+    claim = delivery.claim_batch("slow-worker")
+    later = timezone.now() + timedelta(hours=1)
+    outbox.recover_interrupted(now=later)
+    delivery.send_claim(claim)  # the slow worker finishes after all
+    row.refresh_from_db()
+    assert row.state == State.SENT
+    assert delivery.deliver() == {}
+    assert len(smtp.messages) == 1
+
+
+@pytest.mark.django_db
+def test_a_database_error_in_a_worker_leaves_the_row_claimable(alice_box, smtp, monkeypatch):
+    [row] = queue("alice@example.test")
+    real = delivery._record
+
+    def broken(*args, **kwargs):
+        raise OperationalError("database went away")
+
+    monkeypatch.setattr(delivery, "_record", broken)
+    with pytest.raises(OperationalError):
+        delivery.deliver()
+    monkeypatch.setattr(delivery, "_record", real)
+    row.refresh_from_db()
+    assert row.state == State.SENDING
+    later = timezone.now() + timedelta(hours=1)
+    assert outbox.recover_interrupted(now=later) == 1
+    delivery.deliver(now_fn=lambda: later)
+    row.refresh_from_db()
+    assert row.state == State.SENT
+    # At least once: the server may hold it twice, always with one Message-ID.
+    assert {m.parse()["Message-ID"] for m in smtp.messages} == {row.message_id}
+
+
+@pytest.mark.django_db
+def test_mail_of_a_deleted_mailbox_fails_plainly(alice_box, smtp):
+    [row] = queue("alice@example.test")
+    Mailbox.objects.filter(pk=alice_box.pk).delete()
+    delivery.deliver()
+    row.refresh_from_db()
+    assert (row.state, row.error_code, row.payload) == (State.FAILED, "mailbox_deleted", None)
+
+
+# -- operators -------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_retry_cancel_and_release(alice_box, smtp):
+    sent, failed, other = queue("alice@example.test", count=3)
+    delivery.deliver(max_batches=1)  # all three sent
+    OutboxMessage.objects.filter(pk=failed.pk).update(state=State.FAILED)
+    with pytest.raises(OutboxStateError, match="only a failed or held"):
+        outbox.retry_message(sent.pk)
+    with pytest.raises(OutboxStateError):
+        outbox.retry_message(failed.pk)  # its body went when it was sent
+    with pytest.raises(OutboxStateError, match="No outbox message"):
+        outbox.retry_message("not-a-uuid")
+    [held] = queue("alice@example.test")
+    OutboxMessage.objects.filter(pk=held.pk).update(state=State.HELD, held_reason="x")
+    assert outbox.release_held(alice_box) == 1
+    held.refresh_from_db()
+    assert held.state == State.QUEUED
+    outbox.cancel_message(held.pk)
+    held.refresh_from_db()
+    assert (held.state, held.payload) == (State.CANCELLED, None)
+    with pytest.raises(OutboxStateError):
+        outbox.cancel_message(sent.pk)
+    assert delivery.deliver() == {}
+    assert len(smtp.messages) == 3
+
+
+@pytest.mark.django_db
+def test_the_outbox_command(alice_box, smtp, capsys):
+    [row] = queue("alice@example.test")
+    call_command("mailgov_outbox", "status")
+    out = capsys.readouterr().out
+    assert "queued: 1" in out and "due now: 1" in out
+    delivery.deliver()
+    with pytest.raises(CommandError, match="only a failed or held"):
+        call_command("mailgov_outbox", "retry", str(row.pk))
+    with pytest.raises(CommandError, match="cannot be cancelled"):
+        call_command("mailgov_outbox", "cancel", str(row.pk))
+    with pytest.raises(CommandError, match="No mailbox"):
+        call_command("mailgov_outbox", "release", "00000000-0000-0000-0000-000000000000")
+    call_command("mailgov_outbox", "release", str(alice_box.pk))
+    assert "0 held message(s)" in capsys.readouterr().out
+
+
+@pytest.mark.django_db
+def test_outbox_admin_lists_states_and_never_the_body(admin_client, alice_box, smtp):
+    [row] = queue("alice@example.test", subject="Secret plans", to=["carol@example.test"])
+    page = admin_client.get("/admin/mailgov/outboxmessage/").content.decode()
+    assert "Queued" in page
+    detail = admin_client.get(f"/admin/mailgov/outboxmessage/{row.pk}/change/").content.decode()
+    for clear in ("Secret plans", "carol@example.test", "Body text"):
+        assert clear not in page and clear not in detail
+    assert row.message_id.strip("<>") in detail.replace("&lt;", "<").replace("&gt;", ">")
+
+
+# -- notices ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_notice_goes_through_the_outbox_once_per_event(alice_box, settings):
+    settings.MAILGOV_NOTIFICATION_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    mail.outbox.clear()
+    with on_commit():
+        assert mark_needs_reconsent(alice_box, "invalid_grant")
+    with on_commit():
+        # The same event raised again (a second process, a retried signal).
+        from mailgov.contrib.allauth.receivers import notify_owner
+
+        notify_owner(mailbox=Mailbox.objects.get(pk=alice_box.pk), reason="invalid_grant")
+    [row] = OutboxMessage.objects.filter(kind=OutboxMessage.Kind.NOTIFICATION)
+    assert row.event == "needs_reconsent" and row.recipient_user_id == alice_box.owner_id
+    assert mail.outbox == []  # not in the request
+    delivery.deliver(kind=OutboxMessage.Kind.NOTIFICATION)
+    [notice] = mail.outbox
+    assert notice.to == ["alice@example.test"]
+    assert notice.extra_headers["Message-ID"] == row.message_id
+    row.refresh_from_db()
+    assert row.state == State.SENT and row.payload is None
+    assert json.dumps(row.event)  # plain metadata stays

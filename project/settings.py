@@ -161,7 +161,7 @@ LOGGING = {
 # --- background work (Celery) ----------------------------------------------------
 # Embedded default: kombu's filesystem transport under var/broker (one host, no
 # server to install). Production: CELERY_BROKER_URL=redis://... or amqp://...
-CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or "filesystem://"
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or "filesystem://localhost/"
 if CELERY_BROKER_URL.startswith("filesystem://"):
     BROKER_DIR = Path(os.environ.get("MAILGOV_BROKER_DIR", VAR_DIR / "broker"))
     for _folder in ("queue", "processed", "control"):

@@ -172,7 +172,13 @@ def test_revoking_a_microsoft_mailbox_deletes_both_tokens(settings, site_user):
     mailbox.refresh_from_db()
     assert mailbox.status == Mailbox.Status.REVOKED
     assert secrets_of(mailbox) == []  # nothing left here to retry with or leak
-    assert retry_revocations() == {"revoked": 0, "pending": 0, "refused": 0}
+    assert retry_revocations() == {
+        "revoked": 0,
+        "pending": 0,
+        "refused": 0,
+        "no_endpoint": 0,
+        "gave_up": 0,
+    }
 
 
 def test_a_refused_revocation_is_not_kept_for_a_retry(connect, monkeypatch):
@@ -195,7 +201,13 @@ def test_a_retry_the_provider_refuses_ends_the_retries(connect, monkeypatch):
         call_command("mailgov_retry_revocations", stdout=out)
     assert "refused: 1" in out.getvalue()
     assert MailboxCredentials.objects.get(pk=mailbox.pk).refresh_token is None
-    assert retry_revocations() == {"revoked": 0, "pending": 0, "refused": 0}
+    assert retry_revocations() == {
+        "revoked": 0,
+        "pending": 0,
+        "refused": 0,
+        "no_endpoint": 0,
+        "gave_up": 0,
+    }
 
 
 def test_retrying_revocations_leaves_other_mailboxes_alone(connect, authserver, monkeypatch):
@@ -207,7 +219,7 @@ def test_retrying_revocations_leaves_other_mailboxes_alone(connect, authserver, 
         assert revoke_mailbox(alice, "user: disconnected").at_provider is None
         counts = retry_revocations()
     # Only alice's pending revocation was tried, and only her token sent.
-    assert counts == {"revoked": 0, "pending": 1, "refused": 0}
+    assert counts == {"revoked": 0, "pending": 1, "refused": 0, "no_endpoint": 0, "gave_up": 0}
     assert [r["token"] for r in stub.requests] == [[secrets_of(alice)[0]]] * 2
     assert secrets_of(bob) == bobs_tokens
     # Bob's grant still works at the authorization server.

@@ -18,6 +18,7 @@ from django.test import Client, TestCase, override_settings
 from django.urls import clear_url_caches
 from django.utils import timezone
 
+from mailgov import delivery
 from mailgov.capabilities import SEND_MAIL, describe_scope
 from mailgov.contrib.allauth.adapter import MailgovSocialAccountAdapter
 from mailgov.contrib.allauth.callbacks import GoogleAdapter
@@ -28,7 +29,7 @@ from mailgov.contrib.allauth.consent import (
     verified_address,
 )
 from mailgov.exceptions import MailgovError
-from mailgov.models import ConsentReceipt, Mailbox
+from mailgov.models import ConsentReceipt, Mailbox, OutboxMessage
 from mailgov.providers import GoogleProvider, MicrosoftProvider, TokenResponse
 from mailgov.services import connect_mailbox, mark_needs_reconsent
 from tests.conftest import secrets_of
@@ -174,6 +175,9 @@ def test_owner_told_once_with_a_banner(client, alice, connect, settings):
     with django_capture_on_commit():
         assert mark_needs_reconsent(mailbox, "invalid_grant")
         assert not mark_needs_reconsent(mailbox, "invalid_grant")  # once
+    # Queued in the outbox; a worker sends it with the notification backend.
+    assert mail.outbox == []
+    delivery.deliver(kind=OutboxMessage.Kind.NOTIFICATION)
     [notice] = mail.outbox
     assert notice.to == ["alice@example.test"]
     assert "Your provider ended this access" in notice.body

@@ -184,7 +184,13 @@ def test_revoking_never_sends_the_refresh_token_to_another_provider(
         monkeypatch.setattr(type(get_provider("google")), "token_endpoint", stub.url + "/token")
         monkeypatch.setattr(type(get_provider("google")), "revocation_endpoint", stub.url)
         assert revoke_mailbox(google_mailbox, "user: disconnected").at_provider is None
-        assert retry_revocations() == {"revoked": 0, "pending": 1, "refused": 0}
+        assert retry_revocations() == {
+            "revoked": 0,
+            "pending": 1,
+            "refused": 0,
+            "no_endpoint": 0,
+            "gave_up": 0,
+        }
         assert stub.requests == []
     # Kept (encrypted) for the retry once the configuration is restored.
     assert MailboxCredentials.objects.get(pk=google_mailbox.pk).refresh_token == "1//google-refresh"

@@ -206,6 +206,22 @@ def test_make_demo_runs_from_nothing(start_demo, demo_ports, tmp_path):
         inbox = session.get(site + "/demo/inbox/", timeout=10)
         assert "Hello from mailgov" in inbox.text
         assert "XOAUTH2" in inbox.text.upper()
+        # Through the queued backend: stored by the site, sent by the demo's
+        # Celery worker (filesystem broker), in the inbox moments later.
+        home = session.get(site + "/", timeout=10).text
+        mailbox = re.search(r'name="mailbox" value="([^"]+)"', home).group(1)
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', home).group(1)
+        queued = session.post(
+            site + "/demo/send-test/",
+            data={"csrfmiddlewaretoken": token, "mailbox": mailbox, "queued": "1"},
+            headers={"Referer": site + "/"},
+            timeout=10,
+        )
+        assert queued.status_code == 200 and "Queued" in queued.text
+        deadline = time.monotonic() + 60
+        while "A queued test message" not in session.get(site + "/demo/inbox/", timeout=10).text:
+            assert time.monotonic() < deadline, demo.output[-3000:]
+            time.sleep(0.5)
     finally:
         # Ctrl-C, as a terminal sends it: to the whole foreground process group.
         demo.signal_group(signal.SIGINT)
@@ -226,6 +242,7 @@ STARTING = [
     "Starting the demo authorization server",
     "Starting the demo SMTP server",
     "Preparing the demo site",
+    "Starting the Celery worker and beat",
 ]
 
 

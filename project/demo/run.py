@@ -1,9 +1,10 @@
 """``make demo``: set up and start every demo process; stop them all on any stop.
 
 Processes: the demo site (http://127.0.0.1:8000/), the demo authorization
-server (http://127.0.0.1:8001/, django-oauth-toolkit, its own database) and
-the demo SMTP submission server (127.0.0.1:8025, STARTTLS + XOAUTH2, its mail
-in the demo inbox). Everything lives in ``var/``: SQLite databases, the
+server (http://127.0.0.1:8001/, django-oauth-toolkit, its own database), the
+demo SMTP submission server (127.0.0.1:8025, STARTTLS + XOAUTH2, its mail
+in the demo inbox), and a Celery worker and beat on kombu's filesystem
+transport (the broker is a folder, ``var/broker``: nothing to install). Everything lives in ``var/``: SQLite databases, the
 generated encryption key file, the local CA, the Maildir and the logs. The
 ports move with ``MAILGOV_DEMO_SITE_PORT``, ``MAILGOV_DEMO_AUTH_PORT`` and
 ``MAILGOV_DEMO_SMTP_PORT``, the folder with ``MAILGOV_VAR_DIR``.
@@ -293,6 +294,29 @@ def _run(commands: list[subprocess.Popen[bytes]]) -> int:
         name="site",
         port=SITE_PORT,
     ).start()
+    # Background work: one Celery worker and the one beat, on kombu's
+    # filesystem transport under var/broker (no broker server to install).
+    _say("Starting the Celery worker and beat (broker: files in var/broker) ...")
+    celery = [sys.executable, "-m", "celery", "-A", "project"]
+    worker = ServerProcess(
+        [*celery, "worker", "--loglevel=INFO", "--concurrency=2", "--hostname=demo@%h"],
+        env=env,
+        log_path=VAR / "worker.log",
+        cwd=ROOT,
+        name="worker",
+    ).start()
+    beat = ServerProcess(
+        [
+            *celery,
+            "beat",
+            "--loglevel=INFO",
+            f"--schedule={VAR / 'celerybeat-schedule'}",
+        ],
+        env=env,
+        log_path=VAR / "beat.log",
+        cwd=ROOT,
+        name="beat",
+    ).start()
     # Connect alice's mailbox through the real authorization-code flow and
     # send one message, so the inbox shows the whole path from the start.
     manage("demo_connect", "alice", "--send-test", env=env, commands=commands)
@@ -311,11 +335,13 @@ mailgov demo is running. Stop everything with Ctrl-C.
     alice / {DEMO_USERS["alice"][1]}    bob / {DEMO_USERS["bob"][1]}
   Site administrator:     admin / admin-demo-password
 
+  Background work:        a Celery worker and beat, broker in {VAR}/broker (files)
   Connect bob's mailbox:  .venv/bin/python manage.py demo_connect bob --send-test
-  Logs:                   {VAR}/site.log, authserver/authserver.log, smtpserver.log
+  Logs:                   {VAR}/site.log, worker.log, beat.log,
+                          authserver/authserver.log, smtpserver.log
 """
     )
-    servers = [authserver.process, smtpserver, site]
+    servers = [authserver.process, smtpserver, site, worker, beat]
     while True:
         time.sleep(0.5)
         for server in servers:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.mail import send_mail
+from django.core.mail import get_connection, send_mail
 from django.http import Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
@@ -50,15 +50,32 @@ def send_test(request):
     if mailbox is None:
         messages.error(request, "Choose one of your active mailboxes.")
         return redirect("demo:home")
+    queued = request.POST.get("queued") == "1"
     try:
-        send_mail(
-            "A test message from the mailgov demo",
-            "Sent with XOAUTH2 over verified TLS by mailgov's email backend.",
-            mailbox.address,
-            [mailbox.address],
-        )
+        if queued:
+            # Stored in the outbox in this request; a Celery worker sends it.
+            send_mail(
+                "A queued test message from the mailgov demo",
+                "Stored in mailgov's outbox, then sent by a Celery worker with XOAUTH2 "
+                "over verified TLS.",
+                mailbox.address,
+                [mailbox.address],
+                connection=get_connection("mailgov.backends.queued.EmailBackend"),
+            )
+        else:
+            send_mail(
+                "A test message from the mailgov demo",
+                "Sent with XOAUTH2 over verified TLS by mailgov's email backend.",
+                mailbox.address,
+                [mailbox.address],
+            )
     except (MailgovError, MailgovConfigurationError, OSError) as exc:
         messages.error(request, f"Not sent: {type(exc).__name__}: {exc}")
     else:
-        messages.success(request, "Sent. It is in the demo inbox.")
+        messages.success(
+            request,
+            "Queued: a worker sends it within seconds; reload the inbox."
+            if queued
+            else "Sent. It is in the demo inbox.",
+        )
     return redirect("demo:inbox")

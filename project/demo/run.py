@@ -4,8 +4,9 @@ Processes: the demo site (http://127.0.0.1:8000/), the demo authorization
 server (http://127.0.0.1:8001/, django-oauth-toolkit, its own database), the
 demo SMTP submission server (127.0.0.1:8025, STARTTLS + XOAUTH2, its mail
 in the demo inbox), and a Celery worker and beat on kombu's filesystem
-transport (the broker is a folder, ``var/broker``: nothing to install). Everything lives in ``var/``: SQLite databases, the
-generated encryption key file, the local CA, the Maildir and the logs. The
+transport (the broker is a folder, ``var/broker``: nothing to install).
+Everything lives in ``var/``: SQLite databases, the generated encryption key
+file, the local CA, the Maildir, the broker folder and the logs. The
 ports move with ``MAILGOV_DEMO_SITE_PORT``, ``MAILGOV_DEMO_AUTH_PORT`` and
 ``MAILGOV_DEMO_SMTP_PORT``, the folder with ``MAILGOV_VAR_DIR``.
 

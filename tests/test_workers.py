@@ -25,7 +25,7 @@ from django.utils import timezone
 from mailgov import outbox
 from mailgov.models import MailboxCredentials, OutboxAttempt, OutboxMessage
 from project.celery import app
-from tests.conftest import SCOPES, connect_through_flow
+from tests.conftest import SCOPES, connect_through_flow, refresh_token_state
 from tests.workers.harness import ROOT, Worker, wait_for, worker_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -307,3 +307,23 @@ def test_held_messages_are_sent_once_the_owner_reconnects(
     outbox.dispatch()
     wait_for(lambda: states()[State.SENT] == 2, 60, "delivery after reconnect")
     assert len(message_ids(smtp)) == 2
+
+
+def test_a_revocation_runs_as_a_task_and_is_retried_after_503(workers, two_boxes, authserver):
+    from mailgov.services import retry_revocations, revoke_mailbox
+
+    alice = two_boxes[0]
+    token = MailboxCredentials.objects.get(pk=alice.pk).refresh_token
+    workers(1)
+    with authserver.faults(revoke=503):
+        revoke_mailbox(alice, "dormant: unused", defer=True)  # published on commit
+        wait_for(
+            lambda: type(alice).objects.get(pk=alice.pk).revocation_attempts == 1,
+            60,
+            "the worker's attempt",
+        )
+    assert refresh_token_state(authserver, token) == "live"
+    retry_at = type(alice).objects.get(pk=alice.pk).revocation_retry_at
+    # The retry sweep, when its time has come (injected, not slept).
+    assert retry_revocations(due_only=True, now=retry_at)["revoked"] == 1
+    assert refresh_token_state(authserver, token) == "revoked"

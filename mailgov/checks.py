@@ -34,6 +34,8 @@ PROVIDER_CHANGED = "mailgov.E013"
 PROVIDER_UNBOUND = "mailgov.E014"
 PROVIDER_QUOTA = "mailgov.E015"
 NUMBER_NOT_POSITIVE = "mailgov.E020"
+OUTBOX_POLICY = "mailgov.E021"
+DORMANT_WARNING_TOO_LONG = "mailgov.E022"
 SQLITE_NOT_IMMEDIATE = "mailgov.W001"
 
 #: Settings that must be positive numbers (a None timeout would mean "wait forever").
@@ -44,6 +46,20 @@ POSITIVE_NUMBERS = (
     "SMTP_TIMEOUT_SECONDS",
     "DISCOVERY_CACHE_SECONDS",
     "ROTATION_BATCH_SIZE",
+    "OUTBOX_BATCH_SIZE",
+    "OUTBOX_LEASE_SECONDS",
+    "OUTBOX_RETRY_BASE_SECONDS",
+    "OUTBOX_RETRY_MAX_SECONDS",
+    "OUTBOX_MAX_ATTEMPTS",
+    "OUTBOX_FAILED_RETENTION_DAYS",
+    "REFRESH_AHEAD_SECONDS",
+    "REFRESH_CONCURRENCY",
+    "REFRESH_FAILING_DAYS",
+    "DORMANT_DAYS",
+    "DORMANT_WARNING_DAYS",
+    "REVOCATION_MAX_ATTEMPTS",
+    "SENDLOG_RETENTION_DAYS",
+    "RECEIPT_RETENTION_DAYS",
 )
 
 
@@ -113,6 +129,29 @@ def check_numbers(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
                     id=NUMBER_NOT_POSITIVE,
                 )
             )
+    return messages
+
+
+@checks.register()
+def check_lifecycle(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    messages = []
+    policy = mailgov_settings.OUTBOX_ON_INTERRUPTED
+    if policy not in ("retry", "hold"):
+        messages.append(
+            checks.Error(
+                f"MAILGOV_OUTBOX_ON_INTERRUPTED must be 'retry' or 'hold', not {policy!r}.",
+                id=OUTBOX_POLICY,
+            )
+        )
+    dormant, warning = mailgov_settings.DORMANT_DAYS, mailgov_settings.DORMANT_WARNING_DAYS
+    if isinstance(dormant, int | float) and isinstance(warning, int | float) and warning >= dormant:
+        messages.append(
+            checks.Error(
+                f"MAILGOV_DORMANT_WARNING_DAYS ({warning}) must be less than "
+                f"MAILGOV_DORMANT_DAYS ({dormant}): owners are warned before the revocation.",
+                id=DORMANT_WARNING_TOO_LONG,
+            )
+        )
     return messages
 
 

@@ -115,6 +115,10 @@ def test_sqlite_without_immediate_transactions_warns():
         ("MAILGOV_SMTP_TIMEOUT_SECONDS", 0),
         ("MAILGOV_TOKEN_REFRESH_MARGIN_SECONDS", -1),
         ("MAILGOV_ROTATION_BATCH_SIZE", "500"),
+        ("MAILGOV_OUTBOX_LEASE_SECONDS", 0),
+        ("MAILGOV_OUTBOX_MAX_ATTEMPTS", True),
+        ("MAILGOV_REFRESH_FAILING_DAYS", -3),
+        ("MAILGOV_DORMANT_DAYS", None),
     ],
 )
 @pytest.mark.django_db  # the binding check (E013) reads mailboxes
@@ -122,6 +126,20 @@ def test_numbers_must_be_positive(name, value):
     with override_settings(**{name: value}):
         ids = [m.id for m in run_checks()]
     assert "mailgov.E020" in ids
+
+
+@pytest.mark.django_db  # the binding check (E013) reads mailboxes
+@pytest.mark.parametrize(
+    ("overrides", "check_id"),
+    [
+        ({"MAILGOV_OUTBOX_ON_INTERRUPTED": "resend"}, "mailgov.E021"),
+        ({"MAILGOV_DORMANT_DAYS": 7, "MAILGOV_DORMANT_WARNING_DAYS": 7}, "mailgov.E022"),
+    ],
+)
+def test_lifecycle_settings_are_checked(overrides, check_id):
+    assert check_id not in [m.id for m in run_checks()]
+    with override_settings(**overrides):
+        assert check_id in [m.id for m in run_checks()]
 
 
 @pytest.mark.django_db  # the binding check (E013) reads mailboxes

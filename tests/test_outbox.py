@@ -396,6 +396,23 @@ def test_a_late_worker_still_records_what_it_sent(alice_box, smtp):
 
 
 @pytest.mark.django_db
+def test_a_stale_worker_cannot_overwrite_a_newer_claim(alice_box, smtp):
+    [row] = queue("alice@example.test")
+    stale = delivery.claim_batch("stale-worker")
+    later = timezone.now() + timedelta(hours=1)
+    outbox.recover_interrupted(now=later)
+    fresh = delivery.claim_batch("fresh-worker", now=later)
+    smtp.faults.data_reply = "451 4.3.0 Try later"
+    delivery.send_claim(stale)  # its failure must not requeue the fresh claim's row
+    row.refresh_from_db()
+    assert (row.state, row.claim_id, row.failures) == (State.SENDING, fresh.claim_id, 0)
+    smtp.faults.reset()
+    delivery.send_claim(fresh)
+    row.refresh_from_db()
+    assert row.state == State.SENT
+
+
+@pytest.mark.django_db
 def test_a_database_error_in_a_worker_leaves_the_row_claimable(alice_box, smtp, monkeypatch):
     [row] = queue("alice@example.test")
     real = delivery._record

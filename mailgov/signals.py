@@ -15,9 +15,11 @@ mailbox_needs_reconsent = Signal()
 #: An access token was refreshed. Arguments: ``mailbox``. Carries no token.
 token_refreshed = Signal()
 
-#: About to send one message. Arguments: ``message`` (EmailMessage),
-#: ``mailbox``. A receiver may raise ``SendCancelled`` to skip the message
-#: (it is logged as failed, the rest of the batch goes on).
+#: About to send one message. Arguments: ``message`` (EmailMessage; ``None``
+#: for a message sent from the outbox, whose EmailMessage is long gone),
+#: ``message_id`` (its Message-ID), ``mailbox``. A receiver may raise
+#: ``SendCancelled`` to skip the message (it is logged as failed, or for an
+#: outbox message cancelled; the rest of the batch goes on).
 pre_send = Signal()
 
 #: A batch finished for one mailbox. Arguments: ``mailbox``, ``sent`` (int),

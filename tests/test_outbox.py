@@ -524,3 +524,31 @@ def test_a_notice_goes_through_the_outbox_once_per_event(alice_box, settings):
     row.refresh_from_db()
     assert row.state == State.SENT and row.payload is None
     assert json.dumps(row.event)  # plain metadata stays
+
+
+@pytest.mark.django_db
+def test_a_pre_send_receiver_can_cancel_an_outbox_message(alice_box, smtp):
+    from mailgov.exceptions import SendCancelled
+    from mailgov.signals import pre_send
+
+    first, second = queue("alice@example.test", count=2)
+    seen = []
+
+    def veto(*, message, message_id, mailbox, **kwargs):
+        seen.append((message, mailbox.pk))
+        if message_id == first.message_id:
+            raise SendCancelled("not this one")
+
+    pre_send.connect(veto)
+    try:
+        delivery.deliver()
+    finally:
+        pre_send.disconnect(veto)
+    assert seen == [(None, alice_box.pk), (None, alice_box.pk)]
+    first.refresh_from_db()
+    assert (first.state, first.error_code, first.payload) == (
+        State.CANCELLED,
+        "cancelled_by_receiver",
+        None,
+    )
+    assert [m.parse()["Message-ID"] for m in smtp.messages] == [second.message_id]

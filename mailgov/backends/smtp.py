@@ -396,7 +396,12 @@ class EmailBackend(smtp.EmailBackend):
         try:
             for index, item in enumerate(items):
                 try:
-                    pre_send.send(sender=type(self), message=item.message, mailbox=mailbox)
+                    pre_send.send(
+                        sender=type(self),
+                        message=item.message,
+                        message_id=item.message_id,
+                        mailbox=mailbox,
+                    )
                 except SendCancelled as exc:
                     fail([item], exc)
                     continue

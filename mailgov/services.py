@@ -136,6 +136,18 @@ def connect_mailbox(
             mailbox.revocation_reason = reason
             mailbox.revoked_at = None
         mailbox.connected_at = now
+        # A new grant starts with a clean slate: no failing days, no pending
+        # dormancy warning, no pause left from the old one.
+        mailbox.refresh_failing_days = 0
+        mailbox.refresh_failed_on = None
+        mailbox.refresh_failures = 0
+        mailbox.refresh_retry_at = None
+        mailbox.refresh_failing_notified = False
+        mailbox.dormant_warned_at = None
+        mailbox.kept_at = None
+        mailbox.revocation_attempts = 0
+        mailbox.revocation_retry_at = None
+        mailbox.revocation_given_up_at = None
         # Bound to the provider that issued these tokens (a reconnect rebinds).
         mailbox.provider_binding = provider.identity
         mailbox.save()

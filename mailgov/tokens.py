@@ -37,7 +37,11 @@ logger = logging.getLogger("mailgov.tokens")
 
 @sensitive_variables()
 def get_access_token(
-    mailbox: Mailbox, *, force_refresh: bool = False, rejected_token: str | None = None
+    mailbox: Mailbox,
+    *,
+    force_refresh: bool = False,
+    rejected_token: str | None = None,
+    margin_seconds: int | None = None,
 ) -> str:
     """Return an access token for ``mailbox`` valid for at least the refresh margin.
 
@@ -45,6 +49,12 @@ def get_access_token(
     (the SMTP server refused it); pass the refused token as ``rejected_token``
     so that a token another worker has refreshed meanwhile is used instead of
     refreshing again.
+
+    ``margin_seconds`` (default ``MAILGOV_TOKEN_REFRESH_MARGIN_SECONDS``) is
+    how long the returned token must stay valid: the proactive refresh
+    (:func:`mailgov.lifecycle.refresh_expiring`) asks for
+    ``MAILGOV_REFRESH_AHEAD_SECONDS``, so that a token expiring within that
+    window is renewed once, single flight, like any other refresh.
 
     Raises :class:`MailboxUnavailableError` (mailbox not active or not
     connected), :class:`ProviderChangedError` (its provider id is now
@@ -54,7 +64,9 @@ def get_access_token(
     :class:`TokenRefreshUnavailableError` (5xx/timeout: retry later; tokens
     kept), :class:`TokenRefreshError` (other refusals; tokens kept).
     """
-    margin = mailgov_settings.TOKEN_REFRESH_MARGIN_SECONDS
+    margin = (
+        mailgov_settings.TOKEN_REFRESH_MARGIN_SECONDS if margin_seconds is None else margin_seconds
+    )
     # Neither handed out nor refreshed for a provider id now configured as
     # another provider than the one that issued the tokens.
     provider = get_mailbox_provider(mailbox)

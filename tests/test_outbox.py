@@ -341,7 +341,7 @@ def test_a_mailbox_that_needs_reconsent_holds_then_sends_after_reconnect(alice_b
 
 @pytest.mark.django_db
 def test_an_undecryptable_row_fails_by_name_and_the_others_go(alice_box, smtp, caplog):
-    first, second, third = queue("alice@example.test", count=3)
+    first, second, _third = queue("alice@example.test", count=3)
     # The body of another row: bound to that row, it does not open here.
     OutboxMessage.objects.filter(pk=second.pk).update(
         payload=OutboxMessage.objects.get(pk=first.pk).__dict__["payload"]
@@ -449,7 +449,7 @@ def test_mail_of_a_deleted_mailbox_fails_plainly(alice_box, smtp):
 
 @pytest.mark.django_db
 def test_retry_cancel_and_release(alice_box, smtp):
-    sent, failed, other = queue("alice@example.test", count=3)
+    sent, failed, _other = queue("alice@example.test", count=3)
     delivery.deliver(max_batches=1)  # all three sent
     OutboxMessage.objects.filter(pk=failed.pk).update(state=State.FAILED)
     with pytest.raises(OutboxStateError, match="only a failed or held"):

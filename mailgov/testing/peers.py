@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import secrets
 import signal
@@ -425,6 +426,10 @@ class AuthServer:
     confidential authorization-code client (the mailgov site), registered with
     ``redirect_uris``; ``smtp_client_id``/``smtp_client_secret`` the
     client-credentials client that introspects tokens.
+
+    ``set_faults(token=503, revoke=503)`` makes those endpoints fail until
+    ``clear_faults()`` (or use ``with server.faults(token=503):``), for tests of
+    what a provider outage does.
     """
 
     url: str
@@ -452,6 +457,42 @@ class AuthServer:
             response = session.get(self.discovery_url, timeout=timeout)
             response.raise_for_status()
             return response.json()
+
+    @property
+    def faults_path(self) -> Path:
+        """The fault switch the server reads (see :mod:`mailgov.testing.authserver.faults`)."""
+        return self.data_dir / "faults.json"
+
+    def set_faults(self, *, token: int | None = None, revoke: int | None = None) -> None:
+        """Make the token and/or revocation endpoint answer ``token``/``revoke``
+        (an HTTP status such as ``503``, with ``{"error": "temporarily_unavailable"}``)
+        from the next request on; ``None`` leaves that endpoint working. Replaces
+        any faults set before."""
+        faults = {
+            name: status
+            for name, status in (("token", token), ("revoke", revoke))
+            if status is not None
+        }
+        for name, status in faults.items():
+            if not isinstance(status, int) or not 400 <= status <= 599:
+                raise ValueError(f"{name}: an HTTP error status (400-599), not {status!r}")
+        # Written beside and renamed into place: the server never reads half a file.
+        tmp = self.faults_path.with_name(f".faults.{os.getpid()}.{secrets.token_hex(4)}")
+        tmp.write_text(json.dumps(faults), encoding="utf-8")
+        os.replace(tmp, self.faults_path)
+
+    def clear_faults(self) -> None:
+        """Every endpoint works again, from the next request on."""
+        self.faults_path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def faults(self, *, token: int | None = None, revoke: int | None = None) -> Iterator[None]:
+        """``set_faults(...)`` for the block, ``clear_faults()`` after it."""
+        self.set_faults(token=token, revoke=revoke)
+        try:
+            yield
+        finally:
+            self.clear_faults()
 
     def stop(self) -> None:
         self.process.stop()
@@ -504,6 +545,9 @@ def start_authserver(
         raise PortInUseError("authserver", port)
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    # A fault switch left behind by a crashed test must not make a new
+    # server fail from its first request.
+    (data_dir / "faults.json").unlink(missing_ok=True)
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     cwd = Path(cwd) if cwd is not None else Path.cwd()

@@ -31,6 +31,9 @@ REASONS = {
         "Your provider did not grant lasting access. Please connect again."
     ),
     ("invalid_grant", None): gettext_lazy("Your provider ended this access. Please connect again."),
+    ("dormant", None): gettext_lazy(
+        "Disconnected because it was not used for a long time. Connect it again to send."
+    ),
     ("smtp_auth_rejected", None): gettext_lazy(
         "Your provider refused to let this application sign in to send. Please connect again."
     ),

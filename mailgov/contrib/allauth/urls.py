@@ -16,4 +16,5 @@ urlpatterns = [
     path("not-connected/", views.consent_error, name="consent_error"),
     path("connect/<str:capability_id>/<str:provider_id>/", views.consent, name="consent"),
     path("<uuid:pk>/disconnect/", views.disconnect, name="disconnect"),
+    path("<uuid:pk>/keep/", views.keep, name="keep"),
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from allauth.socialaccount.adapter import get_adapter
 from allauth.socialaccount.models import SocialApp
@@ -11,6 +12,8 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ImproperlyConfigured
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.utils.formats import date_format
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_http_methods, require_POST
 
@@ -22,6 +25,7 @@ from mailgov.contrib.allauth.headers import make_private, private
 from mailgov.contrib.allauth.limits import limited
 from mailgov.contrib.allauth.reasons import reason_text
 from mailgov.exceptions import MailgovConfigurationError
+from mailgov.lifecycle import last_activity, revocation_due
 from mailgov.models import ConsentReceipt, Mailbox
 from mailgov.providers import get_provider
 from mailgov.services import revoke_mailbox
@@ -49,10 +53,26 @@ def connectable_providers() -> list[str]:
     return sorted(mailgov_settings.PROVIDERS)
 
 
+def dormancy(mailbox: Mailbox, now) -> dict | None:
+    """For a mailbox close to being revoked as unused: its last activity and
+    the day it will be disconnected (see :mod:`mailgov.lifecycle`); else ``None``."""
+    if mailbox.status == Mailbox.Status.REVOKED:
+        return None
+    last = last_activity(mailbox)
+    warn_after = mailgov_settings.DORMANT_DAYS - mailgov_settings.DORMANT_WARNING_DAYS
+    if now - last < timedelta(days=warn_after):
+        return None
+    warned_at = mailbox.dormant_warned_at
+    if warned_at is None or warned_at < last:
+        warned_at = now  # the warning is about to go out
+    return {"since": last, "revoke_on": max(revocation_due(last, warned_at), now)}
+
+
 @private(forms=True)
 @login_required
 def mailboxes(request: HttpRequest) -> HttpResponse:
     boxes = list(Mailbox.objects.filter(owner=request.user).order_by("address"))
+    now = timezone.now()
     rows = []
     for mailbox in boxes:
         try:
@@ -67,6 +87,7 @@ def mailboxes(request: HttpRequest) -> HttpResponse:
                 "capabilities": capabilities,
                 "scopes": [describe_scope(scope) for scope in mailbox.scopes],
                 "reason": reason_text(mailbox) if mailbox.status != Mailbox.Status.ACTIVE else "",
+                "dormancy": dormancy(mailbox, now),
             }
         )
     receipts = ConsentReceipt.objects.filter(user=request.user)[:50]
@@ -181,6 +202,35 @@ def disconnect(request: HttpRequest, pk) -> HttpResponse:
         )
     else:
         messages.success(request, _("Disconnected. The access was withdrawn at your provider."))
+    return redirect("mailgov:mailboxes")
+
+
+@private
+@login_required
+@require_POST
+@limited("DISCONNECT_RATE")
+def keep(request: HttpRequest, pk) -> HttpResponse:
+    """The owner keeps a mailbox that was about to be revoked as unused: its
+    activity starts again from now, and a new warning comes only after
+    another period without use."""
+    mailbox = get_object_or_404(Mailbox, pk=pk, owner=request.user)
+    if mailbox.status == Mailbox.Status.REVOKED:
+        messages.info(request, _("This mailbox is already disconnected."))
+        return redirect("mailgov:mailboxes")
+    mailbox.kept_at = timezone.now()
+    mailbox.dormant_warned_at = None
+    # A plain save(): django-auditlog records the owner's decision.
+    mailbox.save(update_fields=["kept_at", "dormant_warned_at"])
+    messages.success(
+        request,
+        _("%(address)s stays connected until %(date)s, or longer if it is used.")
+        % {
+            "address": mailbox.address,
+            "date": date_format(
+                mailbox.kept_at + timedelta(days=mailgov_settings.DORMANT_DAYS), "DATE_FORMAT"
+            ),
+        },
+    )
     return redirect("mailgov:mailboxes")
 
 

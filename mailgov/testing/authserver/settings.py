@@ -21,6 +21,11 @@ Environment:
     ``1`` hashes passwords and client secrets with salted MD5 instead of PBKDF2,
     for throw-away test servers only: every client authentication otherwise costs
     about 0.3 s of CPU.
+
+Fault switch: while ``<data directory>/faults.json`` holds e.g.
+``{"token": 503}``, the token endpoint (or ``"revoke"``: the revocation
+endpoint) answers that status with ``{"error": "temporarily_unavailable"}``;
+see :mod:`mailgov.testing.authserver.faults` and ``AuthServer.set_faults()``.
 """
 
 from __future__ import annotations
@@ -111,6 +116,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Tests' fault switch (faults.json in DATA_DIR); does nothing without the file.
+    "mailgov.testing.authserver.faults.FaultMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

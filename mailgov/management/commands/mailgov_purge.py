@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand, CommandError
+
+from mailgov.lifecycle import purge
+from mailgov.sweeps import exclusive
+
+LOCK = "mailgov.purge"
+
+
+class Command(BaseCommand):
+    help = (
+        "Delete what is past its retention: send logs and outbox attempts, finished "
+        "outbox rows, expired bodies of failed mail, consent receipts of grants that ended "
+        "long ago (what the mailgov.purge task does, under the same sweep lock). The audit "
+        "trail is kept: use 'manage.py auditlogflush --before-date YYYY-MM-DD' for it."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--dry-run", action="store_true", help="Count what would be deleted; delete nothing."
+        )
+
+    def handle(self, *args, dry_run: bool = False, **options):
+        with exclusive(LOCK, min_interval=0) as run:
+            if not run:
+                raise CommandError(
+                    f"Another run holds the {LOCK} lock (the periodic task, or another "
+                    "command): nothing was done. Try again when it has finished."
+                )
+            counts = purge(dry_run=dry_run)
+            if not dry_run:
+                run.result = counts
+        verb = "would delete" if dry_run else "deleted"
+        self.stdout.write(
+            f"{verb}: send logs: {counts['sendlogs']}, outbox attempts: {counts['attempts']}, "
+            f"finished outbox rows: {counts['outbox']}, consent receipts: {counts['receipts']}"
+            + ("" if dry_run else f"; bodies of failed mail expired: {counts['bodies']}")
+        )

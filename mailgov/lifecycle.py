@@ -32,7 +32,6 @@ from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 
 from mailgov.conf import mailgov_settings
-from mailgov.delivery import backoff
 from mailgov.exceptions import (
     DecryptionError,
     GrantRevokedError,
@@ -44,6 +43,7 @@ from mailgov.exceptions import (
 from mailgov.models import ConsentReceipt, Mailbox, OutboxAttempt, OutboxMessage, SendLog
 from mailgov.notifications import notify_owner
 from mailgov.outbox import expire_bodies
+from mailgov.outcomes import backoff
 from mailgov.services import revoke_mailbox
 from mailgov.tokens import get_access_token
 
@@ -138,7 +138,7 @@ def record_refresh_failure(mailbox: Mailbox, *, now: datetime | None = None) -> 
     """Record that refreshing ``mailbox`` failed (not ``invalid_grant``) at ``now``.
 
     One conditional ``UPDATE``: one more failure in a row, the next try after
-    :func:`mailgov.delivery.backoff` (60 s doubling to an hour, with jitter),
+    :func:`mailgov.outcomes.backoff` (60 s doubling to an hour, with jitter),
     and one more failing *day* only if the last failure was on another
     calendar day (``TIME_ZONE``). On the ``MAILGOV_REFRESH_FAILING_DAYS``-th
     failing day the owner is told, once per episode. ``mailbox`` is the

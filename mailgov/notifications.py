@@ -98,7 +98,7 @@ def notify_owner(
 
 def send_notices(claim: Any, record: Callable[[OutboxMessage, Any], None]) -> None:
     """Send claimed notices with the notification backend; ``record(row, verdict)``."""
-    from mailgov.delivery import Verdict, classify
+    from mailgov.outcomes import Verdict, classify
 
     outcome = OutboxAttempt.Outcome
     try:

@@ -38,9 +38,9 @@ from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from mailgov.conf import mailgov_settings
-from mailgov.delivery import AUTO_RELEASE_CODES
 from mailgov.exceptions import OutboxStateError
 from mailgov.models import Mailbox, OutboxAttempt, OutboxMessage
+from mailgov.outcomes import AUTO_RELEASE_CODES
 from mailgov.validation import PreparedMessage
 
 logger = logging.getLogger("mailgov.outbox")

@@ -12,6 +12,25 @@
    sends (each send refreshes its token first): the longest send latency
    during the rotation next to one batch's duration and to the longest send
    latency with no rotation running.
+4. Enqueueing: 2,000 messages through ``mailgov.backends.queued.EmailBackend``
+   in one transaction (checks, MIME serialization, encryption, insert, and
+   the hint published on commit, to kombu's filesystem transport in a
+   temporary folder) against a ``bulk_create`` of the same rows with the
+   payload given as stored ciphertext (none of that work). Target: ``enqueue ratio
+   queued/bulk_create`` at most 3.
+5. Queued delivery: 2,000 messages from two mailboxes (alice's and bob's),
+   enqueued with one ``send_messages()`` and sent by two Celery worker
+   processes on Redis at 127.0.0.1:6379, timed until every outbox row is
+   sent, against mailgov's SMTP backend sending them directly, on the same
+   peers. Target: ``queued ratio (2 workers, redis)/direct`` at least 0.8.
+   Also shown: the same from alice alone (one hint: one worker sends it all).
+   Not run without Redis.
+6. The refresh sweep: mailboxes/s over 5,000 mailboxes (``--sweep-mailboxes``)
+   whose tokens expire now, refreshed at the demo authorization server; and
+   its queries per mailbox at 50 and 200 mailboxes. Target: the same number
+   of queries per mailbox at both sizes.
+
+Parts 4 to 6 are in :mod:`tests.benchmarks.lifecycle`.
 
 Not a test: nothing here asserts; it prints figures.
 """
@@ -28,6 +47,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from tests.benchmarks.lifecycle import SWEEP_MAILBOXES, bench_outbox, bench_refresh
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -311,11 +332,16 @@ def postgres_url() -> str | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["all", "send", "vault", "rotation"], default="all")
+    parser.add_argument(
+        "--part",
+        choices=["all", "send", "vault", "rotation", "outbox", "refresh"],
+        default="all",
+    )
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--sweep-mailboxes", type=int, default=SWEEP_MAILBOXES)
     parser.add_argument("--database-url", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -325,12 +351,18 @@ def main() -> int:
         bench_rotation(args.rows)
         return 0
 
-    if args.part in ("all", "send", "vault"):
+    if args.part in ("all", "send", "vault", "outbox", "refresh"):
         setup_django(Path(tempfile.mkdtemp(prefix="mailgov-bench-")))
     if args.part in ("all", "send"):
         bench_send(args.messages, args.batch, args.rounds)
     if args.part in ("all", "vault"):
         bench_vault(20_000)
+    if args.part in ("all", "outbox"):
+        with peers() as (authserver, _port, _tls):
+            bench_outbox(authserver, args.messages, args.rounds)
+    if args.part in ("all", "refresh"):
+        with peers() as (authserver, _port, _tls):
+            bench_refresh(authserver, args.sweep_mailboxes)
     if args.part in ("all", "rotation"):
         # Each database in its own process, with its own settings.
         url = postgres_url()

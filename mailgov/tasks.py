@@ -34,7 +34,7 @@ def _sweep(name: str, work: Any, **kwargs: Any) -> dict[str, Any] | None:
 @shared_task(name="mailgov.deliver_outbox", ignore_result=True)
 def deliver_outbox(mailbox_id: str | None = None, kind: str = "mail") -> dict[str, int]:
     """Send the due outbox messages of one mailbox (or the due notices)."""
-    return delivery.deliver(mailbox_id=mailbox_id, kind=kind)
+    return delivery.deliver(mailbox_id=mailbox_id, kind=kind, fan_out=outbox.publish)
 
 
 @shared_task(name="mailgov.dispatch_outbox", ignore_result=True)

@@ -11,13 +11,18 @@ from email.mime.text import MIMEText
 
 import pytest
 from django.core.mail import EmailMessage, EmailMultiAlternatives
+from django.core.mail.message import sanitize_address
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from mailgov import validation
 from mailgov.exceptions import InvalidMessageError
 from mailgov.validation import (
     DJANGO_HEADERS,
     _check_header_block,
     _check_parts_on_the_wire,
     prepare_message,
+    sanitized,
 )
 
 # Every character class the rules name: C0 but TAB, DEL, C1, the Unicode line
@@ -217,3 +222,45 @@ def test_raw_8bit_header_bytes_are_refused_not_a_crash():
 )
 def test_long_and_non_ascii_subjects_folded_by_the_email_package_pass(subject):
     assert prepare_message(message(subject=subject)).data
+
+
+# -- the fast path of address sanitizing -------------------------------------------
+
+
+@given(
+    st.text(alphabet="abcXYZ019._+-@=!#\"' <>()[]:;,\\é", min_size=1, max_size=40)
+    | st.from_regex(
+        r"[A-Za-z0-9_+-]{1,12}(\.[A-Za-z0-9_+-]{1,8}){0,2}@[a-zA-Z0-9-]{1,10}(\.[a-z]{2,5}){1,2}",
+        fullmatch=True,
+    )
+)
+@settings(max_examples=500, deadline=None)
+def test_the_fast_path_gives_what_django_gives(address):
+    def outcome(function):
+        try:
+            return function(address, "utf-8")
+        except Exception:
+            return "refused"
+
+    assert outcome(sanitized) == outcome(sanitize_address)
+
+
+@pytest.mark.parametrize("address", ['"', "0@[", "a@", "@b", "a@b@c"])
+@pytest.mark.parametrize("role", ["from_email", "to"])
+def test_an_unparsable_address_is_a_clear_refusal(address, role):
+    fields = {"from_email": "alice@example.test", "to": ["bob@example.test"]}
+    fields[role] = address if role == "from_email" else [address]
+    with pytest.raises(InvalidMessageError):
+        prepare_message(EmailMessage("s", "b", **fields))
+
+
+def test_the_fast_path_takes_only_plain_addresses(monkeypatch):
+    calls = []
+    real = validation.sanitize_address
+    monkeypatch.setattr(validation, "sanitize_address", lambda a, e: calls.append(a) or real(a, e))
+    for plain in ("alice@example.test", "a.b+tag_1-x@mail.example.co.uk"):
+        assert sanitized(plain, "utf-8") == plain
+    assert calls == []
+    for other in ("Alice <alice@example.test>", "ali ce@example.test", "a@b", "é@example.test"):
+        sanitized(other, "utf-8")
+    assert len(calls) == 4

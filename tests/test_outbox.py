@@ -552,3 +552,17 @@ def test_a_pre_send_receiver_can_cancel_an_outbox_message(alice_box, smtp):
         None,
     )
     assert [m.parse()["Message-ID"] for m in smtp.messages] == [second.message_id]
+
+
+@pytest.mark.django_db
+def test_a_busy_mailbox_is_fanned_out_to_another_worker_once(alice_box, smtp, settings):
+    settings.MAILGOV_OUTBOX_BATCH_SIZE = 2
+    queue("alice@example.test", count=5)
+    hints = []
+    delivery.deliver(max_batches=1, fan_out=hints.append)
+    assert hints == [[str(alice_box.pk)]]  # more is due: one more worker asked
+    delivery.deliver(fan_out=hints.append)  # the rest, in two batches
+    assert len(hints) == 2 and len(smtp.messages) == 5
+    queue("alice@example.test", count=1)
+    delivery.deliver(fan_out=hints.append)
+    assert len(hints) == 2  # nothing left after the batch: nobody else asked

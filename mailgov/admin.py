@@ -22,27 +22,31 @@ security_logger = logging.getLogger("mailgov.security")
 
 @admin.register(Mailbox)
 class MailboxAdmin(admin.ModelAdmin):
-    list_display = ("address", "provider", "owner", "status", "last_used_at", "connected_at")
+    list_display = (
+        "address",
+        "provider",
+        "owner",
+        "status",
+        "refresh_failing_flag",
+        "last_used_at",
+        "connected_at",
+    )
     list_filter = ("status", "provider")
     search_fields = ("address", "owner__username", "owner__email")
-    readonly_fields = (
-        "id",
-        "owner",
-        "provider",
-        "address",
-        "status",
-        "scopes",
-        "connected_at",
-        "last_used_at",
-        "last_refreshed_at",
-        "revoked_at",
-        "revocation_reason",
-    )
+    # Every field: a mailbox changes through the services (consent,
+    # revocation, the lifecycle sweeps), never through a form; the lifecycle
+    # state (refresh failing days, pause, dormancy, pending revocation) is
+    # shown, not edited.
+    readonly_fields = [field.name for field in Mailbox._meta.fields]
     actions = ["revoke"]
 
     def has_add_permission(self, request) -> bool:
         # A mailbox is connected by its owner's consent, never typed in.
         return False
+
+    @admin.display(description=_("refresh failing"), boolean=True)
+    def refresh_failing_flag(self, obj: Mailbox) -> bool:
+        return obj.refresh_failing
 
     @admin.action(description=_("Revoke the selected mailboxes' grants"), permissions=["change"])
     def revoke(self, request, queryset):

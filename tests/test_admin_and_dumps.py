@@ -240,3 +240,17 @@ def test_the_admin_cannot_change_a_mailboxs_status(connect, smtp, admin_client):
     assert response.status_code in (200, 302)
     mailbox.refresh_from_db()
     assert mailbox.status == Mailbox.Status.REVOKED
+
+
+def test_the_admin_shows_lifecycle_state_and_edits_none_of_it(connect, smtp, admin_client):
+    mailbox = connect("alice")
+    Mailbox.objects.filter(pk=mailbox.pk).update(refresh_failing_days=5)
+    listing = admin_client.get("/admin/mailgov/mailbox/").content.decode()
+    assert "Refresh failing" in listing and "icon-yes" in listing
+    url = f"/admin/mailgov/mailbox/{mailbox.pk}/change/"
+    page = admin_client.get(url).content.decode()
+    for name in ("refresh_failing_days", "kept_at", "sending_paused_until", "revocation_attempts"):
+        assert f'name="{name}"' not in page
+    admin_client.post(url, {"refresh_failing_days": "0", "kept_at": "2030-01-01", "_save": "Save"})
+    mailbox.refresh_from_db()
+    assert mailbox.refresh_failing_days == 5 and mailbox.kept_at is None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -207,8 +208,13 @@ def _open_payload(row: OutboxMessage) -> dict[str, Any]:
     return payload
 
 
-def send_claim(claim: Claim, *, now_fn: Any = timezone.now) -> dict[str, int]:
-    """Send the claimed messages and record every outcome; return counts by outcome."""
+def send_claim(claim: Claim, *, now_fn: Any = timezone.now, backend: Any = None) -> dict[str, int]:
+    """Send the claimed messages and record every outcome; return counts by outcome.
+
+    ``backend`` (a :class:`mailgov.backends.smtp.EmailBackend` for the claim's
+    mailbox with ``keep_connection``) lets consecutive batches of one mailbox
+    share one authenticated connection; by default each batch opens its own.
+    """
     batch = _Batch(claim, now_fn)
     if claim.kind == OutboxMessage.Kind.NOTIFICATION:
         from mailgov.notifications import send_notices
@@ -261,9 +267,8 @@ def send_claim(claim: Claim, *, now_fn: Any = timezone.now) -> dict[str, int]:
             pause.append(verdict)
             raise _StopBatch
 
-    from mailgov.backends.smtp import EmailBackend
-
-    backend = EmailBackend(mailbox=mailbox, fail_silently=True)
+    if backend is None:
+        backend = smtp_backend(mailbox)
     try:
         backend.send_prepared(mailbox, items, on_result)
         _finish_sent_attempts(batch)
@@ -327,18 +332,60 @@ def deliver(
     worker = worker or worker_name()
     totals: dict[str, int] = {}
     batches = 0
-    while max_batches is None or batches < max_batches:
-        claim = claim_batch(worker, mailbox_id=mailbox_id, kind=kind, now=now_fn())
-        if claim is None:
-            break
-        batches += 1
-        if (
-            fan_out is not None
-            and batches == 1
-            and claim.mailbox is not None
-            and _due(kind, now_fn()).filter(mailbox_id=claim.mailbox.pk).exists()
-        ):
-            fan_out([str(claim.mailbox.pk)])
-        for outcome, count in send_claim(claim, now_fn=now_fn).items():
-            totals[outcome] = totals.get(outcome, 0) + count
+    backends: dict[Any, Any] = {}
+    try:
+        while max_batches is None or batches < max_batches:
+            claim = claim_batch(worker, mailbox_id=mailbox_id, kind=kind, now=now_fn())
+            if claim is None:
+                break
+            batches += 1
+            _fan_out(claim, batches, kind, fan_out, now_fn)
+            backend = _backend_for(backends, claim)
+            for outcome, count in send_claim(claim, now_fn=now_fn, backend=backend).items():
+                totals[outcome] = totals.get(outcome, 0) + count
+    finally:
+        for backend in backends.values():
+            backend.close()
     return totals
+
+
+#: How long a worker keeps one mailbox's authenticated connection for its
+#: next batches (well inside an access token's life and servers' idle limits).
+CONNECTION_REUSE_SECONDS = 60
+
+
+def smtp_backend(mailbox: Mailbox, *, keep_connection: bool = False) -> Any:
+    """The SMTP backend a worker sends ``mailbox``'s batches with."""
+    from mailgov.backends.smtp import EmailBackend
+
+    backend = EmailBackend(mailbox=mailbox, fail_silently=True)
+    backend.keep_connection = keep_connection
+    return backend
+
+
+def _backend_for(backends: dict[Any, Any], claim: Claim) -> Any:
+    """One kept-open backend per mailbox within a deliver() run; a connection
+    older than CONNECTION_REUSE_SECONDS is closed (the next batch reopens it,
+    with a token checked afresh)."""
+    if claim.mailbox is None:
+        return None
+    backend = backends.get(claim.mailbox.pk)
+    if backend is None:
+        backend = backends[claim.mailbox.pk] = smtp_backend(claim.mailbox, keep_connection=True)
+    elif (
+        backend.connected_at is not None
+        and time.monotonic() - backend.connected_at > CONNECTION_REUSE_SECONDS
+    ):
+        backend.close()
+    return backend
+
+
+def _fan_out(claim: Claim, batches: int, kind: str, fan_out: Any, now_fn: Any) -> None:
+    """After the first claim, ask for one more worker if more is due."""
+    if (
+        fan_out is not None
+        and batches == 1
+        and claim.mailbox is not None
+        and _due(kind, now_fn()).filter(mailbox_id=claim.mailbox.pk).exists()
+    ):
+        fan_out([str(claim.mailbox.pk)])

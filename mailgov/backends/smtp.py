@@ -32,6 +32,7 @@ import base64
 import logging
 import smtplib
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -106,6 +107,11 @@ class EmailBackend(smtp.EmailBackend):
         if self.timeout is None:
             self.timeout = mailgov_settings.SMTP_TIMEOUT_SECONDS
         self.mailbox = mailbox
+        #: Keep a connection opened by send_prepared()/send_messages() open
+        #: after the batch (the outbox's worker sends several batches of one
+        #: mailbox in a row); the caller then close()s it.
+        self.keep_connection = False
+        self.connected_at: float | None = None
         self._connected_mailbox: Mailbox | None = None
         self._ssl_contexts: dict[str | None, ssl.SSLContext] = {}
 
@@ -206,6 +212,7 @@ class EmailBackend(smtp.EmailBackend):
             self.close()
             raise
         self._connected_mailbox = mailbox
+        self.connected_at = time.monotonic()
         return True
 
     def open(self) -> bool | None:
@@ -434,7 +441,7 @@ class EmailBackend(smtp.EmailBackend):
                 if on_result is not None:
                     on_result(item, None, refused or {})
         finally:
-            if new_connection:
+            if new_connection and not self.keep_connection:
                 self.close()
             # A receiver's error must neither hide the send's own exception nor
             # turn sent mail into a failure: robust, and logged.

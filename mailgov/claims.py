@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import Count, F
+from django.db.models import Count, F, Sum
 from django.utils import timezone
 
 from mailgov.conf import mailgov_settings
@@ -151,23 +151,37 @@ def _gate(mailbox: Mailbox, now: datetime) -> int:
     except MailgovConfigurationError:
         _hold_mailbox(mailbox, "provider_not_configured", "provider_not_configured", now)
         return 0
-    quota = quota_for(provider)
-    # One claim is one connection: the claims in flight count against the
-    # provider's connection limit, their messages against the quota.
+    try:
+        quota = quota_for(provider)
+    except MailgovConfigurationError:
+        # A bad quota override (mailgov.E015): an operator's matter, held
+        # rather than retried in a loop by every worker.
+        _hold_mailbox(mailbox, "configuration", "configuration: invalid quota", now)
+        return 0
+    # Claims still running: each is one connection (against the provider's
+    # limit); their messages, sent or not, are not in the send log yet (it is
+    # written when a batch ends), so they count against the quotas here.
     in_flight = OutboxMessage.objects.filter(
-        mailbox=mailbox, state=State.SENDING, lease_expires_at__gt=now
-    ).aggregate(claims=Count("claim_id", distinct=True), messages=Count("pk"))
+        mailbox=mailbox, state__in=[State.SENDING, State.SENT], lease_expires_at__gt=now
+    ).aggregate(
+        claims=Count("claim_id", distinct=True),
+        messages=Count("pk"),
+        recipients=Sum("recipient_count"),
+    )
     if in_flight["claims"] >= quota.concurrency:
         return 0  # the provider's connection limit: the next claim will do
     allow = allowance(mailbox, quota, now)
     allowed = 1 << 30
     if allow.messages is not None:
         allowed = allow.messages - in_flight["messages"]
-    if allowed <= 0 or allow.recipients == 0:
+    recipients = allow.recipients
+    if recipients is not None:
+        recipients -= in_flight["recipients"] or 0
+    if allowed <= 0 or (recipients is not None and recipients <= 0):
         if allow.opens_at is not None:
             _defer(mailbox.pk, allow.opens_at, "quota", now)
         return 0
-    mailbox._recipients_left = allow.recipients
+    mailbox._recipients_left = recipients
     return allowed
 
 

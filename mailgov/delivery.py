@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db import DatabaseError, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from mailgov.claims import Claim, _defer, _due, claim_batch, worker_name
@@ -88,9 +89,11 @@ def _mark_sent_sql(conn: Any) -> str:
             f"{columns[name]} = %s" for name in _MARK_SENT_FIELDS if name not in ("id", "claim_id")
         )
         # Only quoted names from the model's own metadata go into the text.
+        # The lease stays until the batch's send log is written
+        # (_finish_sent): until then the quota counts the message here.
         sql = (
-            f"UPDATE {q(meta.db_table)} SET {sets}, {q(meta.get_field('payload').column)} = NULL, "  # noqa: S608
-            f"{q(meta.get_field('lease_expires_at').column)} = NULL WHERE {columns['id']} = %s "
+            f"UPDATE {q(meta.db_table)} SET {sets}, "  # noqa: S608
+            f"{q(meta.get_field('payload').column)} = NULL WHERE {columns['id']} = %s "
             f"AND {columns['claim_id']} = %s AND {columns['state']} NOT IN (%s, %s)"
         )
         _MARK_SENT_SQL[conn.vendor] = sql
@@ -135,15 +138,19 @@ def _mark_sent(batch: _Batch, row: OutboxMessage, verdict: Verdict) -> None:
 
 
 def _finish_sent_attempts(batch: _Batch) -> None:
-    """Finish the attempt rows of the messages sent in this batch, in one
-    statement. If the worker dies before this, recovery finishes them."""
+    """Once the batch's send log is written: finish the attempt rows of the
+    messages it sent and end their leases (the quota now counts them in the
+    send log). If the worker dies before this, recovery finishes the
+    attempts, and the leases run out."""
     if not batch.sent:
         return
+    sent = list(batch.sent)
     OutboxAttempt.objects.filter(
-        claim_id=batch.claim.claim_id,
-        message_id__in=list(batch.sent),
-        outcome=Outcome.STARTED,
+        claim_id=batch.claim.claim_id, message_id__in=sent, outcome=Outcome.STARTED
     ).update(outcome=Outcome.SENT, finished_at=max(batch.sent.values()), reply_code=250)
+    OutboxMessage.objects.filter(
+        pk__in=sent, claim_id=batch.claim.claim_id, state=State.SENT
+    ).update(lease_expires_at=None)
     batch.sent.clear()
 
 
@@ -252,6 +259,11 @@ def send_claim(claim: Claim, *, now_fn: Any = timezone.now, backend: Any = None)
             _record(batch, item.ref, classify(exc, "", now_fn()))
         return batch.counts
     pause: list[Verdict] = []
+    if backend is None:
+        backend = smtp_backend(mailbox)
+    # Stop well inside the lease: a row whose lease ran out may be claimed
+    # and sent by another worker, so this one must not send it any more.
+    deadline = time.monotonic() + float(mailgov_settings.OUTBOX_LEASE_SECONDS) / 2
 
     def on_result(item: PreparedMessage, error: BaseException | None, refused: dict) -> None:
         row = item.ref
@@ -260,15 +272,27 @@ def send_claim(claim: Claim, *, now_fn: Any = timezone.now, backend: Any = None)
         if error is None:
             code = "partly_refused" if refused else ""
             _record(batch, row, Verdict(Outcome.SENT, code, 250))
-            return
-        verdict = classify(error, batch.provider_type, now_fn())
-        _record(batch, row, verdict)
-        if verdict.outcome == Outcome.DEFERRED:
-            pause.append(verdict)
+            if refused:
+                _requeue_refused(batch, item, refused)
+        else:
+            verdict = classify(error, batch.provider_type, now_fn())
+            if backend.failed_at_open and verdict.outcome == Outcome.RETRY:
+                # No connection at all (server or token endpoint down): the
+                # mailbox waits, and its messages lose no attempt, so that an
+                # outage of hours fails nothing.
+                verdict = Verdict(
+                    Outcome.DEFERRED,
+                    verdict.error_code,
+                    verdict.reply_code,
+                    pause_until=backoff(1, now_fn()),
+                )
+            _record(batch, row, verdict)
+            if verdict.outcome == Outcome.DEFERRED:
+                pause.append(verdict)
+                raise _StopBatch
+        if time.monotonic() > deadline:
             raise _StopBatch
 
-    if backend is None:
-        backend = smtp_backend(mailbox)
     try:
         backend.send_prepared(mailbox, items, on_result)
         _finish_sent_attempts(batch)
@@ -286,7 +310,7 @@ def send_claim(claim: Claim, *, now_fn: Any = timezone.now, backend: Any = None)
         for item in items:
             if item.ref.pk not in batch.done:
                 _record(batch, item.ref, classify(exc, batch.provider_type, now_fn()))
-    if pause:
+    if pause and pause[0].pause_until is not None:
         _pause(batch, pause[0])
     for item in items:
         if item.ref.pk not in batch.done:
@@ -296,10 +320,40 @@ def send_claim(claim: Claim, *, now_fn: Any = timezone.now, backend: Any = None)
     return batch.counts
 
 
+def _requeue_refused(batch: _Batch, item: PreparedMessage, refused: dict[str, Any]) -> None:
+    """The server took a message for some recipients and refused others for
+    now (4xx): a new queued row, with the same Message-ID, for those only.
+    Recipients refused for good (5xx) are not retried; the row counts them."""
+    later = [rcpt for rcpt, (code, _text) in refused.items() if 400 <= code < 500]
+    if not later:
+        return
+    from mailgov.outbox import _insert, envelope
+
+    row = item.ref
+    now = batch.now_fn()
+    retry = OutboxMessage(
+        mailbox=batch.claim.mailbox,
+        message_id=row.message_id,
+        recipient_count=len(later),
+        failures=row.failures + 1,
+        next_attempt_at=backoff(row.failures + 1, now),
+        created_at=now,
+        error_code="recipients_deferred",
+    )
+    retry.payload = envelope(
+        PreparedMessage(None, item.address, item.from_addr, later, item.data, row.message_id)
+    )
+    _insert([retry])
+    logger.info("outbox message %s: %d recipient(s) deferred to %s", row.pk, len(later), retry.pk)
+
+
 def _pause(batch: _Batch, verdict: Verdict) -> None:
-    """A throttling reply: the mailbox sends nothing until ``pause_until``."""
+    """A throttling reply: the mailbox sends nothing until ``pause_until``
+    (a shorter pause never cuts a longer one short)."""
     mailbox = batch.claim.mailbox
-    Mailbox.objects.filter(pk=mailbox.pk).update(
+    Mailbox.objects.filter(pk=mailbox.pk).filter(
+        Q(sending_paused_until__isnull=True) | Q(sending_paused_until__lt=verdict.pause_until)
+    ).update(
         sending_paused_until=verdict.pause_until,
         sending_paused_reason=f"{verdict.error_code}: reply {verdict.reply_code}"[:255],
     )

@@ -264,7 +264,13 @@ def recover_interrupted(*, now: datetime | None = None, limit: int = 10_000) -> 
     if not expired:
         return 0
     hold = mailgov_settings.OUTBOX_ON_INTERRUPTED == "hold"
-    fields: dict[str, Any] = {"lease_expires_at": None, "error_code": "interrupted"}
+    # An interruption is a failed attempt: a message that kills its worker
+    # every time (a body too big for its memory) ends failed, not in a loop.
+    fields: dict[str, Any] = {
+        "lease_expires_at": None,
+        "error_code": "interrupted",
+        "failures": F("failures") + 1,
+    }
     if hold:
         fields.update(
             state=State.HELD,
@@ -273,16 +279,26 @@ def recover_interrupted(*, now: datetime | None = None, limit: int = 10_000) -> 
         )
     else:
         fields.update(state=State.QUEUED, next_attempt_at=now)
+    expiring = OutboxMessage.objects.filter(
+        pk__in=expired, state=State.SENDING, lease_expires_at__lt=now
+    )
+    last_chance = int(mailgov_settings.OUTBOX_MAX_ATTEMPTS) - 1
     with transaction.atomic():
-        count = OutboxMessage.objects.filter(
-            pk__in=expired, state=State.SENDING, lease_expires_at__lt=now
-        ).update(**fields)
+        count = expiring.filter(failures__gte=last_chance).update(
+            **{
+                **fields,
+                "state": State.FAILED,
+                "finished_at": now,
+                "error_code": "gave_up:interrupted",
+            }
+        )
+        count += expiring.update(**fields)
         OutboxAttempt.objects.filter(
             message_id__in=expired,
             outcome=OutboxAttempt.Outcome.STARTED,
             message__claim_id=F("claim_id"),
             message__lease_expires_at__isnull=True,
-            message__error_code="interrupted",
+            message__error_code__in=["interrupted", "gave_up:interrupted"],
         ).update(
             outcome=OutboxAttempt.Outcome.INTERRUPTED, finished_at=now, error_code="worker_lost"
         )

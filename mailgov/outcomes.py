@@ -117,6 +117,10 @@ def classify(exc: BaseException, provider_type: str, now: datetime) -> Verdict:
     for kind, code in HOLD_ERRORS:
         if isinstance(exc, kind):
             return Verdict(Outcome.HELD, code, held_reason=code)
+    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLCertVerificationError):
+        # A TLS connection broken or reset (EOF in the handshake, a load
+        # balancer dropping it): the network's trouble, not a security one.
+        return Verdict(Outcome.RETRY, "tls_error")
     if isinstance(exc, SMTPSecurityError | ssl.SSLError | MailgovConfigurationError):
         # Configuration or security: an operator must look; nothing is lost.
         code = (

@@ -30,7 +30,7 @@ from mailgov.exceptions import (
 )
 from mailgov.models import Mailbox, MailboxCredentials
 from mailgov.outcomes import backoff
-from mailgov.providers import get_mailbox_provider, get_provider
+from mailgov.providers import get_mailbox_provider
 
 logger = logging.getLogger("mailgov")
 security_logger = logging.getLogger("mailgov.security")
@@ -69,7 +69,6 @@ def revoke_mailbox(mailbox: Mailbox, reason: str, *, defer: bool = False) -> Rev
     sweep with backoff and jitter up to ``MAILGOV_REVOCATION_MAX_ATTEMPTS``
     attempts, then reported and kept for a manual retry.
     """
-    get_provider(mailbox.provider)  # a provider id that is not configured raises here
     now = timezone.now()
     with transaction.atomic():
         locked = Mailbox.objects.select_for_update(no_key=True).get(pk=mailbox.pk)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import shared_task
+from django.conf import settings
 
 from mailgov import delivery, lifecycle, outbox, services
 from mailgov.schedule import PERIODS
@@ -23,8 +24,12 @@ from mailgov.sweeps import exclusive
 
 
 def _sweep(name: str, work: Any, **kwargs: Any) -> dict[str, Any] | None:
-    period = PERIODS[name]
-    with exclusive(name, ttl=max(600, period * 2), min_interval=period / 2) as run:
+    # The schedule in settings, if it sets this sweep's period, else the default.
+    entry = getattr(settings, "CELERY_BEAT_SCHEDULE", {}).get(name) or {}
+    schedule = entry.get("schedule")
+    period = float(schedule) if isinstance(schedule, int | float) else PERIODS[name]
+    # The lock outlives any sane run (it expires only if its holder died).
+    with exclusive(name, ttl=max(3600, period * 2), min_interval=period / 2) as run:
         if not run:
             return None
         run.result = work(**kwargs) or {}

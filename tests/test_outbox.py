@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -405,7 +406,8 @@ def test_a_stale_worker_cannot_overwrite_a_newer_claim(alice_box, smtp):
     smtp.faults.data_reply = "451 4.3.0 Try later"
     delivery.send_claim(stale)  # its failure must not requeue the fresh claim's row
     row.refresh_from_db()
-    assert (row.state, row.claim_id, row.failures) == (State.SENDING, fresh.claim_id, 0)
+    # (the interruption counted one failure; the stale 451 counts none)
+    assert (row.state, row.claim_id, row.failures) == (State.SENDING, fresh.claim_id, 1)
     smtp.faults.reset()
     delivery.send_claim(fresh)
     row.refresh_from_db()
@@ -566,3 +568,110 @@ def test_a_busy_mailbox_is_fanned_out_to_another_worker_once(alice_box, smtp, se
     queue("alice@example.test", count=1)
     delivery.deliver(fan_out=hints.append)
     assert len(hints) == 2  # nothing left after the batch: nobody else asked
+
+
+# -- from the review: leases, quotas in flight, endless interruptions, outages ----------
+
+
+@pytest.mark.django_db
+def test_a_batch_stops_sending_well_inside_its_lease(alice_box, smtp, settings):
+    # A lease so short that it is half over after the first message.
+    settings.MAILGOV_OUTBOX_LEASE_SECONDS = 0.002
+    rows = queue("alice@example.test", count=3)
+    counts = delivery.deliver(max_batches=1)
+    assert counts == {Outcome.SENT: 1, Outcome.DEFERRED: 2}
+    states = sorted(OutboxMessage.objects.values_list("state", "failures", "error_code"))
+    assert states == [
+        (State.QUEUED, 0, "not_attempted"),
+        (State.QUEUED, 0, "not_attempted"),
+        (State.SENT, 0, ""),
+    ]
+    assert len(smtp.messages) == 1 and len(rows) == 3
+
+
+@pytest.mark.django_db
+def test_messages_in_flight_count_against_the_quotas(alice_box, smtp, settings):
+    settings.MAILGOV_OUTBOX_BATCH_SIZE = 3
+    settings.MAILGOV_PROVIDERS = {
+        "demo": {
+            **settings.MAILGOV_PROVIDERS["demo"],
+            "quota": {"messages": 3, "window_seconds": 3600, "recipients_per_day": 4},
+        }
+    }
+    queue("alice@example.test", count=6)
+    first = delivery.claim_batch("w1")
+    assert len(first.rows) == 3
+    assert delivery.claim_batch("w2") is None  # 3 in flight: the quota is used
+    # Sent and marked, but the batch's send log not yet written: still counted.
+    delivery.send_claim(first)
+    assert delivery.claim_batch("w3") is None
+    assert OutboxMessage.objects.filter(state=State.QUEUED, error_code="quota").count() == 3
+    assert len(smtp.messages) == 3
+
+
+@pytest.mark.django_db
+def test_recipients_in_flight_count_against_the_daily_limit(alice_box, smtp, settings):
+    settings.MAILGOV_OUTBOX_BATCH_SIZE = 3
+    settings.MAILGOV_PROVIDERS = {
+        "demo": {**settings.MAILGOV_PROVIDERS["demo"], "quota": {"recipients_per_day": 4}}
+    }
+    queue("alice@example.test", count=6)
+    assert len(delivery.claim_batch("w1").rows) == 3
+    second = delivery.claim_batch("w2")
+    assert second is not None and len(second.rows) == 1  # 4 - 3 in flight
+
+
+@pytest.mark.django_db
+def test_a_message_that_kills_every_worker_ends_failed(alice_box, smtp, settings):
+    settings.MAILGOV_OUTBOX_MAX_ATTEMPTS = 3
+    [row] = queue("alice@example.test")
+    now = timezone.now()
+    for _ in range(3):
+        assert delivery.claim_batch("doomed", now=now) is not None
+        now += timedelta(seconds=mailgov_settings.OUTBOX_LEASE_SECONDS + 1)
+        assert outbox.recover_interrupted(now=now) == 1
+    row.refresh_from_db()
+    assert (row.state, row.error_code, row.failures) == (State.FAILED, "gave_up:interrupted", 3)
+    outcomes = set(row.attempt_rows.values_list("outcome", flat=True))
+    assert outcomes == {Outcome.INTERRUPTED}
+
+
+@pytest.mark.django_db
+def test_no_connection_at_all_pauses_the_mailbox_and_costs_no_attempt(alice_box, smtp, settings):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    settings.MAILGOV_PROVIDERS = {
+        "demo": {**settings.MAILGOV_PROVIDERS["demo"], "smtp_port": dead_port}
+    }
+    rows = queue("alice@example.test", count=3)
+    now = timezone.now()
+    delivery.deliver(now_fn=lambda: now)
+    alice_box.refresh_from_db()
+    assert alice_box.sending_paused_until > now
+    for row in rows:
+        row.refresh_from_db()
+        assert (row.state, row.failures) == (State.QUEUED, 0)
+        assert row.next_attempt_at == alice_box.sending_paused_until
+
+
+@pytest.mark.django_db
+def test_recipients_refused_for_now_are_sent_later_under_the_same_message_id(alice_box, smtp):
+    smtp.faults.rcpt_replies = {"later@example.test": "450 4.2.1 Mailbox busy, try later"}
+    [row] = queue(
+        "alice@example.test", to=["now@example.test", "later@example.test", "never@x.test"]
+    )
+    smtp.faults.rcpt_replies["never@x.test"] = "550 5.1.1 No such user"
+    delivery.deliver()
+    row.refresh_from_db()
+    assert (row.state, row.error_code) == (State.SENT, "partly_refused")
+    [retry] = OutboxMessage.objects.exclude(pk=row.pk)
+    assert (retry.state, retry.message_id, retry.recipient_count) == (
+        State.QUEUED,
+        row.message_id,
+        1,
+    )
+    smtp.faults.reset()
+    delivery.deliver(now_fn=lambda: retry.next_attempt_at + timedelta(seconds=1))
+    assert [m.rcpt_tos for m in smtp.messages] == [["now@example.test"], ["later@example.test"]]
+    assert {m.parse()["Message-ID"] for m in smtp.messages} == {row.message_id}

@@ -112,3 +112,14 @@ def test_a_token_endpoint_outage_is_not_a_revocation(alice, authserver):
     assert Mailbox.objects.get(pk=alice.pk).revocation_attempts == 3
     assert refresh_token_of(alice) == token
     assert refresh_token_state(authserver, token) == "live"
+
+
+def test_a_provider_removed_from_settings_still_revokes_here_at_once(alice, authserver, settings):
+    token = refresh_token_of(alice)
+    settings.MAILGOV_PROVIDERS = {}
+    result = revoke_mailbox(alice, "admin: revoked")
+    assert result.at_provider is None  # pending: nowhere to send it now
+    row = Mailbox.objects.get(pk=alice.pk)
+    assert row.status == Mailbox.Status.REVOKED
+    assert MailboxCredentials.objects.get(pk=alice.pk).access_token is None
+    assert refresh_token_of(alice) == token  # kept for when the provider is back

@@ -112,6 +112,8 @@ class EmailBackend(smtp.EmailBackend):
         #: mailbox in a row); the caller then close()s it.
         self.keep_connection = False
         self.connected_at: float | None = None
+        #: Whether the last batch failed before any message (no connection).
+        self.failed_at_open = False
         self._connected_mailbox: Mailbox | None = None
         self._ssl_contexts: dict[str | None, ssl.SSLContext] = {}
 
@@ -369,10 +371,9 @@ class EmailBackend(smtp.EmailBackend):
         logs: list[SendLog],
         on_result: ResultCallback | None = None,
     ) -> int:
+        self.failed_at_open = False
+
         def fail(rest: Sequence[PreparedMessage], exc: BaseException) -> None:
-            if on_result is not None:
-                for item in rest:
-                    on_result(item, exc, {})
             now = timezone.now()
             logs.extend(
                 SendLog(
@@ -385,18 +386,24 @@ class EmailBackend(smtp.EmailBackend):
                 )
                 for item in rest
             )
+            if on_result is not None:
+                for item in rest:
+                    on_result(item, exc, {})
 
         try:
             new_connection = self._open_for(mailbox)
         except NEVER_SILENT as exc:
+            self.failed_at_open = True
             fail(items, exc)
             raise
         except TRANSPORT_ERRORS as exc:
+            self.failed_at_open = True
             fail(items, exc)
             if not self.fail_silently:
                 raise
             return 0
         except Exception as exc:
+            self.failed_at_open = True
             fail(items, exc)
             raise
         sent = 0

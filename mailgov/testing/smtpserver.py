@@ -150,6 +150,8 @@ class Faults:
       DATA is answered with it instead of ``250`` and the message is not kept; a
       ``421`` reply also closes the connection, as RFC 5321 says it must.
       ``data_reply_count`` limits it to that many messages (0: every message).
+    - ``rcpt_replies``: ``{address: reply}``; ``RCPT TO`` for that address (any case)
+      is answered with the reply (``"450 4.2.1 Try later"``), the others accepted.
     """
 
     no_starttls: bool = False
@@ -159,6 +161,7 @@ class Faults:
     smtp_auth_disabled: bool = False
     data_reply: str = ""
     data_reply_count: int = 0
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -168,7 +171,8 @@ class Faults:
     def reset(self) -> None:
         """Switch every fault off."""
         for item in fields(self):
-            setattr(self, item.name, item.default)
+            default = {} if item.name == "rcpt_replies" else item.default
+            setattr(self, item.name, default)
 
 
 @dataclass(frozen=True)
@@ -533,6 +537,23 @@ class _SubmissionHandler:
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        replies = {key.casefold(): value for key, value in self._owner.faults.rcpt_replies.items()}
+        reply = replies.get(address.casefold())
+        if reply:
+            return reply
+        # A RCPT hook that answers takes over what aiosmtpd would otherwise do itself.
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         identity = session.auth_data

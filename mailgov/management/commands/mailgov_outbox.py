@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 from mailgov import outbox
 from mailgov.exceptions import OutboxStateError
 from mailgov.models import Mailbox
+from mailgov.sweeps import exclusive
 
 
 class Command(BaseCommand):
@@ -43,7 +44,11 @@ class Command(BaseCommand):
                 count = outbox.release_held(mailbox, actor=actor)
                 self.stdout.write(f"{count} held message(s) of mailbox {mailbox.pk} released.")
             elif action == "dispatch":
-                counts = outbox.dispatch()
+                # The beat sweep's lock: never beside a running sweep.
+                with exclusive("mailgov.dispatch_outbox", ttl=600) as run:
+                    if not run:
+                        raise CommandError("The dispatch sweep is running now; try again later.")
+                    counts = run.result = outbox.dispatch()
                 self.stdout.write(", ".join(f"{key}: {value}" for key, value in counts.items()))
         except (OutboxStateError, ValueError) as exc:
             raise CommandError(str(exc)) from None

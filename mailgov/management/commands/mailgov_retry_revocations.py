@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from mailgov.models import Mailbox, MailboxCredentials
@@ -21,8 +21,7 @@ class Command(BaseCommand):
         ).count()
         with exclusive("mailgov.retry_revocations", ttl=3600) as run:
             if not run:
-                self.stderr.write("Another run is retrying revocations now; try again later.")
-                return
+                raise CommandError("Another run is retrying revocations now; try again later.")
             with tqdm(total=pending, unit="grant", disable=None, file=self.stderr._out) as bar:
                 counts = retry_revocations(progress=bar.update)
             run.result = counts

@@ -158,6 +158,13 @@ def _gate(mailbox: Mailbox, now: datetime) -> int:
         # rather than retried in a loop by every worker.
         _hold_mailbox(mailbox, "configuration", "configuration: invalid quota", now)
         return 0
+    if quota.recipients_per_day is not None:
+        # More recipients than a whole day allows: no window will ever fit it.
+        OutboxMessage.objects.filter(
+            mailbox=mailbox,
+            state=State.QUEUED,
+            recipient_count__gt=quota.recipients_per_day,
+        ).update(state=State.FAILED, error_code="over_daily_recipients", finished_at=now)
     # Claims still running: each is one connection (against the provider's
     # limit); their messages, sent or not, are not in the send log yet (it is
     # written when a batch ends), so they count against the quotas here.

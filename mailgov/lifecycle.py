@@ -447,7 +447,9 @@ def _revoke(row: dict[str, Any], now: datetime) -> str:
 # -- retention -----------------------------------------------------------------
 
 
-def _delete_in_chunks(queryset: QuerySet, *, dry_run: bool = False) -> dict[str, int]:
+def _delete_in_chunks(
+    queryset: QuerySet, *, dry_run: bool = False, progress: Progress = None
+) -> dict[str, int]:
     """Delete ``queryset`` ``PURGE_CHUNK`` rows per statement; counts by model label."""
     if dry_run:
         return {queryset.model._meta.label: queryset.count()}
@@ -460,9 +462,13 @@ def _delete_in_chunks(queryset: QuerySet, *, dry_run: bool = False) -> dict[str,
         _, by_model = model.objects.filter(pk__in=ids).delete()
         for label, n in by_model.items():
             counts[label] = counts.get(label, 0) + n
+        if progress is not None:
+            progress(len(ids))
 
 
-def purge(*, now: datetime | None = None, dry_run: bool = False) -> dict[str, int]:
+def purge(
+    *, now: datetime | None = None, dry_run: bool = False, progress: Progress = None
+) -> dict[str, int]:
     """Delete what is past its retention, ``PURGE_CHUNK`` rows per DELETE.
 
     Counts: ``sendlogs`` (attempted more than ``MAILGOV_SENDLOG_RETENTION_DAYS``
@@ -478,6 +484,7 @@ def purge(*, now: datetime | None = None, dry_run: bool = False) -> dict[str, in
     The audit trail (django-auditlog) is not purged here: use
     ``manage.py auditlogflush --before-date YYYY-MM-DD``. ``dry_run`` counts
     instead (without ``bodies``: that count belongs to :mod:`mailgov.outbox`).
+    ``progress(n)`` is called with the rows of each DELETE.
     """
     now = now or timezone.now()
     logs_before = now - timedelta(days=mailgov_settings.SENDLOG_RETENTION_DAYS)
@@ -501,7 +508,7 @@ def purge(*, now: datetime | None = None, dry_run: bool = False) -> dict[str, in
             # First: a held message whose body expires turns failed now, and
             # is kept (with its attempts) for the full period from now.
             counts["bodies"] = expire_bodies(now=now)
-        for label, n in _delete_in_chunks(queryset, dry_run=dry_run).items():
+        for label, n in _delete_in_chunks(queryset, dry_run=dry_run, progress=progress).items():
             counts["attempts" if label == OutboxAttempt._meta.label else name] += n
     if not dry_run:
         logger.info("purge: %s", counts)

@@ -675,3 +675,17 @@ def test_recipients_refused_for_now_are_sent_later_under_the_same_message_id(ali
     delivery.deliver(now_fn=lambda: retry.next_attempt_at + timedelta(seconds=1))
     assert [m.rcpt_tos for m in smtp.messages] == [["now@example.test"], ["later@example.test"]]
     assert {m.parse()["Message-ID"] for m in smtp.messages} == {row.message_id}
+
+
+@pytest.mark.django_db
+def test_a_message_no_day_can_hold_fails_instead_of_waiting_forever(alice_box, smtp, settings):
+    settings.MAILGOV_PROVIDERS = {
+        "demo": {**settings.MAILGOV_PROVIDERS["demo"], "quota": {"recipients_per_day": 2}}
+    }
+    [big] = queue("alice@example.test", to=["a@x.test", "b@x.test", "c@x.test"])
+    [small] = queue("alice@example.test")
+    delivery.deliver()
+    big.refresh_from_db()
+    small.refresh_from_db()
+    assert (big.state, big.error_code) == (State.FAILED, "over_daily_recipients")
+    assert small.state == State.SENT

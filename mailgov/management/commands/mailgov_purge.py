@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
+from tqdm import tqdm
 
 from mailgov.lifecycle import purge
 from mailgov.sweeps import exclusive
@@ -28,7 +29,8 @@ class Command(BaseCommand):
                     f"Another run holds the {LOCK} lock (the periodic task, or another "
                     "command): nothing was done. Try again when it has finished."
                 )
-            counts = purge(dry_run=dry_run)
+            with tqdm(unit="row", disable=None, file=self.stderr._out) as bar:
+                counts = purge(dry_run=dry_run, progress=bar.update)
             if not dry_run:
                 run.result = counts
         verb = "would delete" if dry_run else "deleted"

@@ -26,7 +26,7 @@ from mailgov import outbox
 from mailgov.models import MailboxCredentials, OutboxAttempt, OutboxMessage
 from project.celery import app
 from tests.conftest import SCOPES, connect_through_flow, refresh_token_state
-from tests.workers.harness import ROOT, Worker, wait_for, worker_env
+from tests.workers.harness import ROOT, Worker, broker_state, use_broker, wait_for, worker_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -69,20 +69,10 @@ def broker(request, tmp_path):
             "store_processed": False,
             "control_folder": str(folder / "control"),
         }
+    restore = broker_state()
     use_broker(env["CELERY_BROKER_URL"], options)
     yield env
-    use_broker(*ORIGINAL)
-
-
-ORIGINAL = (app.conf.broker_url, dict(app.conf.broker_transport_options or {}))
-
-
-def use_broker(url: str, options: dict) -> None:
-    app.conf.broker_url = url
-    app.conf.broker_transport_options = options
-    # Producers and connections are pooled per app: start afresh.
-    app._pool = None
-    app.amqp._producer_pool = None
+    restore()
 
 
 @pytest.fixture
@@ -224,7 +214,7 @@ def test_a_throttling_reply_pauses_then_delivers(workers, two_boxes, smtp, setti
 
 
 def test_the_broker_down_at_enqueue_loses_nothing(workers, two_boxes, smtp, broker, caplog):
-    good = (app.conf.broker_url, dict(app.conf.broker_transport_options))
+    good = (os.environ["CELERY_BROKER_URL"], dict(app.conf.broker_transport_options))
     # Nothing listens on this port: publishing fails after the commit.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

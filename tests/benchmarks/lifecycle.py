@@ -53,17 +53,6 @@ def redis_reachable() -> bool:
     return True
 
 
-def use_broker(url: str, options: dict[str, Any]) -> None:
-    """Point this process's Celery app at a broker (as tests/test_workers.py does)."""
-    from project.celery import app
-
-    app.conf.broker_url = url
-    app.conf.broker_transport_options = options
-    # Producers and connections are pooled per app: start afresh.
-    app._pool = None
-    app.amqp._producer_pool = None
-
-
 def outbox_messages(count: int, senders: list[str]) -> list[Any]:
     from django.core.mail import EmailMessage
 
@@ -99,6 +88,7 @@ def bench_enqueue(messages: int, rounds: int, folder: Path) -> None:
 
     from mailgov.fields import Sealed
     from mailgov.models import Mailbox, OutboxMessage
+    from tests.workers.harness import use_broker
 
     # Nothing consumes this broker: the hint published on commit stays there.
     for name in ("queue", "processed", "control"):
@@ -184,7 +174,7 @@ def bench_queued(messages: int, rounds: int, provider: dict[str, Any], work: Pat
 
     from mailgov.conf import mailgov_settings
     from mailgov.models import OutboxAttempt, OutboxMessage
-    from tests.workers.harness import Worker, worker_env
+    from tests.workers.harness import Worker, use_broker, worker_env
 
     State = OutboxMessage.State
     both = ["alice@example.test", "bob@example.test"]

@@ -98,3 +98,37 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.2)
+
+
+def use_broker(url: str, options: dict[str, Any]) -> None:
+    """Point this process's Celery app at another broker.
+
+    Celery's ``conf.broker_url`` prefers the ``CELERY_BROKER_URL`` environment
+    variable to any setting, so the variable is set too (see
+    :func:`broker_state` to put things back).
+    """
+    from project.celery import app
+
+    os.environ["CELERY_BROKER_URL"] = url
+    app.conf.broker_url = url
+    app.conf.broker_transport_options = options
+    # Producers and connections are pooled per app: start afresh.
+    app._pool = None
+    app.amqp._producer_pool = None
+
+
+def broker_state() -> Callable[[], None]:
+    """The broker this process uses now, as a function that restores it."""
+    from project.celery import app
+
+    env = os.environ.get("CELERY_BROKER_URL")
+    url, options = app.conf.broker_url, dict(app.conf.broker_transport_options or {})
+
+    def restore() -> None:
+        use_broker(url, options)
+        if env is None:
+            os.environ.pop("CELERY_BROKER_URL", None)
+        else:
+            os.environ["CELERY_BROKER_URL"] = env
+
+    return restore

@@ -173,6 +173,8 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "store_processed": False,
         # Broadcast (worker control) messages; kombu's default is ./control.
         "control_folder": str(BROKER_DIR / "control"),
+        # Files are polled for: every 0.2 s instead of every second.
+        "polling_interval": 0.2,
     }
 else:
     # Redis: a task not acknowledged within the visibility timeout is given to

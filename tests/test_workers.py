@@ -68,6 +68,7 @@ def broker(request, tmp_path):
             "processed_folder": str(folder / "processed"),
             "store_processed": False,
             "control_folder": str(folder / "control"),
+            "polling_interval": 0.2,
         }
     restore = broker_state()
     use_broker(env["CELERY_BROKER_URL"], options)
@@ -133,7 +134,8 @@ def message_ids(smtp) -> Counter:
 
 
 def test_two_workers_send_500_messages_exactly_once(workers, two_boxes, smtp):
-    workers(2)
+    # Small batches: many claims, both workers on each mailbox (fan-out).
+    workers(2, OUTBOX_BATCH_SIZE=10)
     ids = enqueue("alice@example.test", 250) + enqueue("bob@example.test", 250)
     wait_for(lambda: states()[State.SENT] == 500, 180, "500 messages sent")
     received = message_ids(smtp)

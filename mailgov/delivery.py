@@ -298,6 +298,10 @@ def send_claim(claim: Claim, *, now_fn: Any = timezone.now, backend: Any = None)
         _finish_sent_attempts(batch)
     except _StopBatch:
         _finish_sent_attempts(batch)
+        if pause:
+            # Throttled (the server may have closed it) or not connected:
+            # the next batch, after the pause, opens a fresh connection.
+            backend.close()
     except DatabaseError:
         # The outcome could not be written: the rows stay claimed until their
         # lease expires, then they are retried (at least once).

@@ -162,20 +162,28 @@ LOGGING = {
 # Embedded default: kombu's filesystem transport under var/broker (one host, no
 # server to install). Production: CELERY_BROKER_URL=redis://... or amqp://...
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or "filesystem://localhost/"
-if CELERY_BROKER_URL.startswith("filesystem://"):
-    BROKER_DIR = Path(os.environ.get("MAILGOV_BROKER_DIR", VAR_DIR / "broker"))
-    for _folder in ("queue", "processed", "control"):
-        (BROKER_DIR / _folder).mkdir(parents=True, exist_ok=True)
-    CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "data_folder_in": str(BROKER_DIR / "queue"),
-        "data_folder_out": str(BROKER_DIR / "queue"),
-        "processed_folder": str(BROKER_DIR / "processed"),
+
+
+def filesystem_broker(folder: Path) -> dict[str, object]:
+    """kombu's filesystem transport options for a broker in ``folder``
+    (its subfolders created)."""
+    for name in ("queue", "processed", "control"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    return {
+        "data_folder_in": str(folder / "queue"),
+        "data_folder_out": str(folder / "queue"),
+        "processed_folder": str(folder / "processed"),
         "store_processed": False,
         # Broadcast (worker control) messages; kombu's default is ./control.
-        "control_folder": str(BROKER_DIR / "control"),
+        "control_folder": str(folder / "control"),
         # Files are polled for: every 0.2 s instead of every second.
         "polling_interval": 0.2,
     }
+
+
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    BROKER_DIR = Path(os.environ.get("MAILGOV_BROKER_DIR", VAR_DIR / "broker"))
+    CELERY_BROKER_TRANSPORT_OPTIONS = filesystem_broker(BROKER_DIR)
 else:
     # Redis: a task not acknowledged within the visibility timeout is given to
     # another worker. mailgov's tasks never use countdowns, and the outbox

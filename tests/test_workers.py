@@ -25,22 +25,22 @@ from django.utils import timezone
 from mailgov import outbox
 from mailgov.models import MailboxCredentials, OutboxAttempt, OutboxMessage
 from project.celery import app
+from project.settings import filesystem_broker
 from tests.conftest import SCOPES, connect_through_flow, refresh_token_state
-from tests.workers.harness import ROOT, Worker, broker_state, use_broker, wait_for, worker_env
+from tests.workers.harness import (
+    ROOT,
+    Worker,
+    broker_state,
+    redis_reachable,
+    use_broker,
+    wait_for,
+    worker_env,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 State = OutboxMessage.State
 QUEUED = "mailgov.backends.queued.EmailBackend"
-REDIS = ("127.0.0.1", 6379)
-
-
-def redis_reachable() -> bool:
-    try:
-        socket.create_connection(REDIS, 1).close()
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture(params=["filesystem", "redis"])
@@ -59,17 +59,8 @@ def broker(request, tmp_path):
         options = {"visibility_timeout": 3600, "global_keyprefix": env["CELERY_BROKER_KEYPREFIX"]}
     else:
         folder = tmp_path / "broker"
-        for name in ("queue", "processed", "control"):
-            (folder / name).mkdir(parents=True)
         env = {"CELERY_BROKER_URL": "filesystem://localhost/", "MAILGOV_BROKER_DIR": str(folder)}
-        options = {
-            "data_folder_in": str(folder / "queue"),
-            "data_folder_out": str(folder / "queue"),
-            "processed_folder": str(folder / "processed"),
-            "store_processed": False,
-            "control_folder": str(folder / "control"),
-            "polling_interval": 0.2,
-        }
+        options = filesystem_broker(folder)
     restore = broker_state()
     use_broker(env["CELERY_BROKER_URL"], options)
     yield env

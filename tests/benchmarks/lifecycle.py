@@ -40,17 +40,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # -- 4 and 5. the outbox -----------------------------------------------------------
 QUEUED = "mailgov.backends.queued.EmailBackend"
-REDIS = ("127.0.0.1", 6379)
-
-
-def redis_reachable() -> bool:
-    import socket
-
-    try:
-        socket.create_connection(REDIS, 1).close()
-    except OSError:
-        return False
-    return True
 
 
 def outbox_messages(count: int, senders: list[str]) -> list[Any]:
@@ -70,6 +59,7 @@ def bench_outbox(authserver: Any, messages: int, rounds: int) -> None:
     from django.contrib.auth import get_user_model
 
     from tests.conftest import SCOPES, connect_through_flow
+    from tests.workers.harness import redis_reachable
 
     owner, _ = get_user_model().objects.get_or_create(username="bob")
     connect_through_flow(authserver, owner, "bob", SCOPES)
@@ -88,21 +78,11 @@ def bench_enqueue(messages: int, rounds: int, folder: Path) -> None:
 
     from mailgov.fields import Sealed
     from mailgov.models import Mailbox, OutboxMessage
+    from project.settings import filesystem_broker
     from tests.workers.harness import use_broker
 
     # Nothing consumes this broker: the hint published on commit stays there.
-    for name in ("queue", "processed", "control"):
-        (folder / name).mkdir(parents=True)
-    use_broker(
-        "filesystem://localhost/",
-        {
-            "data_folder_in": str(folder / "queue"),
-            "data_folder_out": str(folder / "queue"),
-            "processed_folder": str(folder / "processed"),
-            "store_processed": False,
-            "control_folder": str(folder / "control"),
-        },
-    )
+    use_broker("filesystem://localhost/", filesystem_broker(folder))
     mailbox = Mailbox.objects.get(address="alice@example.test")
 
     def queued() -> float:
@@ -174,7 +154,7 @@ def bench_queued(messages: int, rounds: int, provider: dict[str, Any], work: Pat
 
     from mailgov.conf import mailgov_settings
     from mailgov.models import OutboxAttempt, OutboxMessage
-    from tests.workers.harness import Worker, use_broker, worker_env
+    from tests.workers.harness import REDIS, Worker, use_broker, worker_env
 
     State = OutboxMessage.State
     both = ["alice@example.test", "bob@example.test"]

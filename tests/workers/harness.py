@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,16 @@ from django.conf import settings
 from django.db import connection
 
 ROOT = Path(__file__).resolve().parents[2]
+REDIS = ("127.0.0.1", 6379)
+
+
+def redis_reachable() -> bool:
+    """Whether a Redis answers at 127.0.0.1:6379."""
+    try:
+        socket.create_connection(REDIS, 1).close()
+    except OSError:
+        return False
+    return True
 
 
 def worker_env(providers: dict[str, Any], broker: dict[str, str], **extra: str) -> dict[str, str]:

@@ -22,7 +22,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db import connection, transaction
 from django.db.models import Count, F, Sum
@@ -107,18 +107,18 @@ def claim_batch(
             if mailbox is None:  # deleted since
                 skip.add(head)
                 continue
-            allowed = _gate(mailbox, now)
-            if allowed <= 0:
+            room = _gate(mailbox, now)
+            if room is None:
                 skip.add(head)
                 continue
             claim = _take(
                 due.filter(mailbox=mailbox).order_by("next_attempt_at", "created_at"),
-                min(batch_size, allowed),
+                min(batch_size, room.messages),
                 worker,
                 kind,
                 mailbox,
                 now,
-                recipients_left=getattr(mailbox, "_recipients_left", None),
+                room=room,
             )
             if claim is not None:
                 return claim
@@ -133,38 +133,40 @@ def _fail_orphans(now: datetime) -> int:
     ).update(state=State.FAILED, error_code="mailbox_deleted", finished_at=now, payload=None)
 
 
-def _gate(mailbox: Mailbox, now: datetime) -> int:
-    """How many of ``mailbox``'s messages may be claimed now (with its row
-    locked). Holds or defers its due messages when none may."""
+class Room(NamedTuple):
+    """What a claim of one mailbox may take now."""
+
+    messages: int
+    recipients: int | None  # None: no daily recipient limit
+    recipients_per_day: int | None
+
+
+def _gate(mailbox: Mailbox, now: datetime) -> Room | None:
+    """What may be claimed of ``mailbox``'s messages now (with its row
+    locked); ``None`` when nothing may, after holding or deferring its due
+    messages as the reason asks."""
     if mailbox.status != Mailbox.Status.ACTIVE:
         code = MAILBOX_HOLD_CODES.get(mailbox.status, "mailbox_unavailable")
         _hold_mailbox(mailbox, code, f"{code}: {mailbox.revocation_reason}", now)
-        return 0
+        return None
     if mailbox.sending_paused_until and mailbox.sending_paused_until > now:
         _defer(mailbox.pk, mailbox.sending_paused_until, "paused", now)
-        return 0
+        return None
     try:
         provider = get_mailbox_provider(mailbox)
     except ProviderChangedError:
         _hold_mailbox(mailbox, "provider_changed", "provider_changed: provider reconfigured", now)
-        return 0
+        return None
     except MailgovConfigurationError:
         _hold_mailbox(mailbox, "provider_not_configured", "provider_not_configured", now)
-        return 0
+        return None
     try:
         quota = quota_for(provider)
     except MailgovConfigurationError:
         # A bad quota override (mailgov.E015): an operator's matter, held
         # rather than retried in a loop by every worker.
         _hold_mailbox(mailbox, "configuration", "configuration: invalid quota", now)
-        return 0
-    if quota.recipients_per_day is not None:
-        # More recipients than a whole day allows: no window will ever fit it.
-        OutboxMessage.objects.filter(
-            mailbox=mailbox,
-            state=State.QUEUED,
-            recipient_count__gt=quota.recipients_per_day,
-        ).update(state=State.FAILED, error_code="over_daily_recipients", finished_at=now)
+        return None
     # Claims still running: each is one connection (against the provider's
     # limit); their messages, sent or not, are not in the send log yet (it is
     # written when a batch ends), so they count against the quotas here.
@@ -176,7 +178,7 @@ def _gate(mailbox: Mailbox, now: datetime) -> int:
         recipients=Sum("recipient_count"),
     )
     if in_flight["claims"] >= quota.concurrency:
-        return 0  # the provider's connection limit: the next claim will do
+        return None  # the provider's connection limit: the next claim will do
     allow = allowance(mailbox, quota, now)
     allowed = 1 << 30
     if allow.messages is not None:
@@ -187,9 +189,8 @@ def _gate(mailbox: Mailbox, now: datetime) -> int:
     if allowed <= 0 or (recipients is not None and recipients <= 0):
         if allow.opens_at is not None:
             _defer(mailbox.pk, allow.opens_at, "quota", now)
-        return 0
-    mailbox._recipients_left = recipients
-    return allowed
+        return None
+    return Room(allowed, recipients, quota.recipients_per_day)
 
 
 #: How long a message that does not fit the recipients left today waits.
@@ -204,20 +205,30 @@ def _take(
     mailbox: Mailbox | None,
     now: datetime,
     *,
-    recipients_left: int | None = None,
+    room: Room | None = None,
 ) -> Claim | None:
     if connection.features.has_select_for_update_skip_locked:
         queryset = queryset.select_for_update(skip_locked=True, of=("self",))
     # Whole rows at once (their payloads stay sealed until sent): no second read.
     picked = list(queryset[:limit])
-    if recipients_left is not None:
-        kept, total = [], 0
+    if room is not None and room.recipients is not None:
+        kept, never, total = [], [], 0
         for row in picked:
-            if total + row.recipient_count > recipients_left:
+            if (
+                room.recipients_per_day is not None
+                and row.recipient_count > room.recipients_per_day
+            ):
+                never.append(row.pk)  # no window will ever fit it
+                continue
+            if total + row.recipient_count > room.recipients:
                 break
             kept.append(row)
             total += row.recipient_count
-        if picked and not kept:
+        if never:
+            OutboxMessage.objects.filter(pk__in=never, state=State.QUEUED).update(
+                state=State.FAILED, error_code="over_daily_recipients", finished_at=now
+            )
+        if picked and not kept and len(never) < len(picked):
             # The next message has more recipients than the day still allows:
             # look again later, when earlier sends have left the window.
             until = now + timedelta(seconds=RECIPIENT_QUOTA_RECHECK_SECONDS)

@@ -28,7 +28,6 @@ from typing import Any
 from django.db import connection, transaction
 from django.db.models import Case, F, Q, QuerySet, When
 from django.db.models.functions import Coalesce, Greatest
-from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 
 from mailgov.conf import mailgov_settings
@@ -103,15 +102,6 @@ def revocation_due(last: datetime, warned_at: datetime | None) -> datetime:
     return due
 
 
-def _link() -> str:
-    """The owner's mailboxes page, absolute if ``MAILGOV_SITE_URL`` is set."""
-    try:
-        path = reverse("mailgov:mailboxes")
-    except NoReverseMatch:  # a project without mailgov's pages
-        path = ""
-    return (mailgov_settings.SITE_URL or "").rstrip("/") + path
-
-
 def _tell(mailbox_id: Any, flip: QuerySet, *, value: bool, event: str, key: str, **context) -> bool:
     """Flip the owner-told flag with the conditional ``flip`` and queue the
     notice in the same transaction: told once, even by racing sweeps. A
@@ -122,9 +112,7 @@ def _tell(mailbox_id: Any, flip: QuerySet, *, value: bool, event: str, key: str,
             if not flip.update(refresh_failing_notified=value):
                 return False
             mailbox = Mailbox.objects.select_related("owner").get(pk=mailbox_id)
-            notify_owner(
-                mailbox, event=event, template=event, key=key, context={"link": _link(), **context}
-            )
+            notify_owner(mailbox, event=event, template=event, key=key, context=context)
             return True
     except Exception as exc:
         logger.error("mailbox %s: %s notice not queued: %s", mailbox_id, event, type(exc).__name__)
@@ -419,7 +407,6 @@ def _warn(row: dict[str, Any], now: datetime) -> str:
                 template="dormant_warning",
                 key=f"dormant_warning:{mailbox.pk}:{last.isoformat()}",
                 context={
-                    "link": _link(),
                     "last_activity": last,
                     "revoke_on": revocation_due(last, now),
                     "days": mailgov_settings.DORMANT_DAYS,

@@ -20,6 +20,7 @@ from django.core.mail import EmailMessage, get_connection
 from django.core.mail.utils import DNS_NAME
 from django.db import transaction
 from django.template.loader import render_to_string
+from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 
 from mailgov.conf import mailgov_settings
@@ -28,7 +29,7 @@ from mailgov.models import Mailbox, OutboxAttempt, OutboxMessage
 
 logger = logging.getLogger("mailgov.notifications")
 
-__all__ = ["enqueue_notification", "notify_owner", "send_notices"]
+__all__ = ["enqueue_notification", "mailboxes_link", "notify_owner", "send_notices"]
 
 
 def enqueue_notification(
@@ -80,12 +81,24 @@ def enqueue_notification(
     return saved
 
 
+def mailboxes_link() -> str:
+    """The owner's mailboxes page, absolute if ``MAILGOV_SITE_URL`` is set
+    ("" in a project without mailgov's pages)."""
+    try:
+        path = reverse("mailgov:mailboxes")
+    except NoReverseMatch:
+        path = ""
+    return (mailgov_settings.SITE_URL or "").rstrip("/") + path
+
+
 def notify_owner(
     mailbox: Mailbox, *, event: str, template: str, key: str, context: dict[str, Any]
 ) -> OutboxMessage | None:
     """Render ``mailgov/email/<template>.txt`` and ``<template>_subject.txt``
-    and queue them to ``mailbox``'s owner (see :func:`enqueue_notification`)."""
-    context = {"mailbox": mailbox, **context}
+    and queue them to ``mailbox``'s owner (see :func:`enqueue_notification`).
+    Templates get ``mailbox`` and ``link`` (:func:`mailboxes_link`) besides
+    ``context``."""
+    context = {"mailbox": mailbox, "link": mailboxes_link(), **context}
     return enqueue_notification(
         event=event,
         user=mailbox.owner,

@@ -6,9 +6,7 @@ import logging
 from typing import Any
 
 from django.db import transaction
-from django.urls import reverse
 
-from mailgov.conf import mailgov_settings
 from mailgov.contrib.allauth.reasons import reason_text
 from mailgov.models import Mailbox
 from mailgov.notifications import notify_owner as notify_owner_of
@@ -25,7 +23,6 @@ def notify_owner(*, mailbox: Mailbox, reason: str, **kwargs: Any) -> None:
     often the signal came. A failure to queue it is logged and never breaks
     what caused it.
     """
-    link = (mailgov_settings.SITE_URL or "").rstrip("/") + reverse("mailgov:mailboxes")
     try:
         with transaction.atomic():
             notify_owner_of(
@@ -33,7 +30,7 @@ def notify_owner(*, mailbox: Mailbox, reason: str, **kwargs: Any) -> None:
                 event="needs_reconsent",
                 template="needs_reconsent",
                 key=f"needs_reconsent:{mailbox.pk}:{mailbox.connected_at.isoformat()}",
-                context={"reason": reason_text(mailbox), "link": link},
+                context={"reason": reason_text(mailbox)},
             )
     except Exception as exc:
         logger.error("could not tell the owner of mailbox %s: %s", mailbox.pk, type(exc).__name__)

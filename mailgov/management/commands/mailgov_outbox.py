@@ -4,8 +4,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from mailgov import outbox
 from mailgov.exceptions import OutboxStateError
+from mailgov.management.sweeplock import command_lock
 from mailgov.models import Mailbox
-from mailgov.sweeps import exclusive
 
 
 class Command(BaseCommand):
@@ -45,9 +45,7 @@ class Command(BaseCommand):
                 self.stdout.write(f"{count} held message(s) of mailbox {mailbox.pk} released.")
             elif action == "dispatch":
                 # The beat sweep's lock: never beside a running sweep.
-                with exclusive("mailgov.dispatch_outbox", ttl=600) as run:
-                    if not run:
-                        raise CommandError("The dispatch sweep is running now; try again later.")
+                with command_lock("mailgov.dispatch_outbox") as run:
                     counts = run.result = outbox.dispatch()
                 self.stdout.write(", ".join(f"{key}: {value}" for key, value in counts.items()))
         except (OutboxStateError, ValueError) as exc:

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 from tqdm import tqdm
 
 from mailgov.lifecycle import purge
-from mailgov.sweeps import exclusive
+from mailgov.management.sweeplock import command_lock
 
 LOCK = "mailgov.purge"
 
@@ -23,12 +23,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, dry_run: bool = False, **options):
-        with exclusive(LOCK, min_interval=0) as run:
-            if not run:
-                raise CommandError(
-                    f"Another run holds the {LOCK} lock (the periodic task, or another "
-                    "command): nothing was done. Try again when it has finished."
-                )
+        with command_lock(LOCK) as run:
             with tqdm(unit="row", disable=None, file=self.stderr._out) as bar:
                 counts = purge(dry_run=dry_run, progress=bar.update)
             if not dry_run:

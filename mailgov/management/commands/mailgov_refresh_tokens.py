@@ -4,7 +4,7 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from mailgov.lifecycle import refresh_expiring
-from mailgov.sweeps import exclusive
+from mailgov.management.sweeplock import command_lock
 
 LOCK = "mailgov.refresh_tokens"
 
@@ -21,12 +21,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, concurrency: int | None = None, **options):
-        with exclusive(LOCK, min_interval=0) as run:
-            if not run:
-                raise CommandError(
-                    f"Another run holds the {LOCK} lock (the periodic task, or another "
-                    "command): nothing was done. Try again when it has finished."
-                )
+        with command_lock(LOCK) as run:
             with tqdm(unit="mailbox", disable=None, file=self.stderr._out) as bar:
                 counts = refresh_expiring(progress=bar.update, concurrency=concurrency)
             run.result = counts

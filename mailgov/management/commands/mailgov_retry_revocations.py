@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 from tqdm import tqdm
 
+from mailgov.management.sweeplock import command_lock
 from mailgov.models import Mailbox, MailboxCredentials
 from mailgov.services import retry_revocations
-from mailgov.sweeps import exclusive
 
 
 class Command(BaseCommand):
@@ -19,9 +19,7 @@ class Command(BaseCommand):
         pending = MailboxCredentials.objects.filter(
             mailbox__status=Mailbox.Status.REVOKED, refresh_token__isnull=False
         ).count()
-        with exclusive("mailgov.retry_revocations", ttl=3600) as run:
-            if not run:
-                raise CommandError("Another run is retrying revocations now; try again later.")
+        with command_lock("mailgov.retry_revocations") as run:
             with tqdm(total=pending, unit="grant", disable=None, file=self.stderr._out) as bar:
                 counts = retry_revocations(progress=bar.update)
             run.result = counts

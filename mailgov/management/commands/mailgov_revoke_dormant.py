@@ -4,8 +4,8 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from mailgov.lifecycle import activity, revoke_dormant
+from mailgov.management.sweeplock import command_lock
 from mailgov.models import Mailbox
-from mailgov.sweeps import exclusive
 
 LOCK = "mailgov.revoke_dormant"
 
@@ -25,12 +25,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, dry_run: bool = False, **options):
-        with exclusive(LOCK, min_interval=0) as run:
-            if not run:
-                raise CommandError(
-                    f"Another run holds the {LOCK} lock (the periodic task, or another "
-                    "command): nothing was done. Try again when it has finished."
-                )
+        with command_lock(LOCK) as run:
             if dry_run:
                 planned = revoke_dormant(dry_run=True)
                 self._list("would be revoked", planned["revoked"])

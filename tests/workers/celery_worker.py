@@ -15,23 +15,12 @@ Started by :class:`tests.workers.harness.Worker`. Environment:
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+from tests.workers.setup import setup_django
 
-from tests import settings as test_settings
-
-test_settings.DATABASES["default"]["NAME"] = os.environ["MAILGOV_TEST_DB_NAME"]
-test_settings.MAILGOV_ENCRYPTION_KEYS = json.loads(os.environ["MAILGOV_TEST_KEYS"])
-test_settings.MAILGOV_PROVIDERS = json.loads(os.environ["MAILGOV_TEST_PROVIDERS"])
-for _name, _value in json.loads(os.environ.get("MAILGOV_TEST_SETTINGS", "{}")).items():
-    setattr(test_settings, _name, _value)
-
-import django  # noqa: E402
-
-django.setup()
+setup_django()
 
 from mailgov import delivery  # noqa: E402
 from project.celery import app  # noqa: E402

@@ -14,18 +14,9 @@ import os
 import threading
 import time
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+from tests.workers.setup import setup_django
 
-from tests import settings as test_settings
-
-test_settings.DATABASES["default"]["NAME"] = os.environ["MAILGOV_TEST_DB_NAME"]
-test_settings.MAILGOV_ENCRYPTION_KEYS = json.loads(os.environ["MAILGOV_TEST_KEYS"])
-test_settings.MAILGOV_PROVIDERS = json.loads(os.environ["MAILGOV_TEST_PROVIDERS"])
-test_settings.EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
-
-import django  # noqa: E402
-
-django.setup()
+setup_django(EMAIL_BACKEND="mailgov.backends.smtp.EmailBackend")
 
 from django.core.mail import send_mail  # noqa: E402
 from django.db import connection  # noqa: E402

@@ -11,16 +11,9 @@ import json
 import os
 import time
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+from tests.workers.setup import setup_django
 
-from tests import settings as test_settings
-
-test_settings.DATABASES["default"]["NAME"] = os.environ["MAILGOV_TEST_DB_NAME"]
-test_settings.MAILGOV_ENCRYPTION_KEYS = json.loads(os.environ["MAILGOV_TEST_KEYS"])
-
-import django  # noqa: E402
-
-django.setup()
+setup_django()
 
 from mailgov.services import rotate_keys  # noqa: E402
 

@@ -12,17 +12,9 @@ import json
 import os
 import time
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+from tests.workers.setup import setup_django
 
-from tests import settings as test_settings
-
-test_settings.DATABASES["default"]["NAME"] = os.environ["MAILGOV_TEST_DB_NAME"]
-test_settings.MAILGOV_ENCRYPTION_KEYS = json.loads(os.environ["MAILGOV_TEST_KEYS"])
-test_settings.MAILGOV_PROVIDERS = json.loads(os.environ["MAILGOV_TEST_PROVIDERS"])
-
-import django  # noqa: E402
-
-django.setup()
+setup_django()
 
 from mailgov import tasks  # noqa: E402
 

@@ -221,18 +221,16 @@ def publish(mailbox_ids: Sequence[str | None], *, kind: str = Kind.MAIL) -> int:
 
     published = 0
     for mailbox_id in mailbox_ids:
-        try:
-            tasks.deliver_outbox.apply_async(
-                kwargs={"mailbox_id": mailbox_id, "kind": kind},
-                retry=True,
-                retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5},
-            )
+        error = tasks.publish_task(
+            tasks.deliver_outbox, kwargs={"mailbox_id": mailbox_id, "kind": kind}
+        )
+        if error is None:
             published += 1
-        except Exception as exc:  # kombu's and the transports' errors vary
+        else:
             logger.warning(
                 "broker unreachable (%s): %d outbox hint(s) not published; the dispatch "
                 "sweep will send the messages",
-                type(exc).__name__,
+                type(error).__name__,
                 len(mailbox_ids) - published,
             )
             break

@@ -115,14 +115,11 @@ def revoke_mailbox(mailbox: Mailbox, reason: str, *, defer: bool = False) -> Rev
 def _queue_revocation(mailbox_id: Any) -> None:
     from mailgov import tasks
 
-    try:
-        tasks.revoke_at_provider.apply_async(
-            args=[str(mailbox_id)],
-            retry=True,
-            retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5},
+    error = tasks.publish_task(tasks.revoke_at_provider, args=(str(mailbox_id),))
+    if error is not None:  # the sweep retries from the row
+        logger.warning(
+            "revocation task not queued (%s); the sweep will retry", type(error).__name__
         )
-    except Exception as exc:  # the sweep retries from the row
-        logger.warning("revocation task not queued (%s); the sweep will retry", type(exc).__name__)
 
 
 @sensitive_variables()

@@ -22,6 +22,23 @@ from mailgov import delivery, lifecycle, outbox, services
 from mailgov.schedule import PERIODS
 from mailgov.sweeps import exclusive
 
+#: Publishing waits little for a broker that is down: every task mailgov
+#: publishes is also found by a sweep from the database rows.
+PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5}
+
+
+def publish_task(task: Any, *, args: tuple = (), kwargs: dict | None = None) -> Exception | None:
+    """Send ``task`` to the broker; return the error (not raised) when the
+    broker cannot be reached. kombu's and the transports' errors vary, so
+    any exception counts: the caller logs it and leaves the work to a sweep."""
+    try:
+        task.apply_async(
+            args=args, kwargs=kwargs or {}, retry=True, retry_policy=PUBLISH_RETRY_POLICY
+        )
+    except Exception as exc:
+        return exc
+    return None
+
 
 def _sweep(name: str, work: Any, **kwargs: Any) -> dict[str, Any] | None:
     # The schedule in settings, if it sets this sweep's period, else the default.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
+from auditlog.models import LogEntry
 from django.conf import settings
 from django.db import models
 from django.db.models.functions import Lower
@@ -316,6 +317,9 @@ class OutboxMessage(models.Model):
     # When the row last reached sent, failed, held or cancelled (retention).
     finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
 
+    #: The encrypted columns, for rotation.
+    ENCRYPTED_FIELDS = ("payload",)
+
     class Meta:
         verbose_name = _("outbox message")
         verbose_name_plural = _("outbox")
@@ -392,3 +396,262 @@ class SweepLock(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+# -- governance: refresh history, pending revocations, incidents, jobs -----------------
+
+
+class RefreshEvent(models.Model):
+    """One token refresh of a mailbox and how it ended (the refresh history
+    of the mailbox's admin page). Never the token; purged with the send log."""
+
+    class Outcome(models.TextChoices):
+        OK = "ok", _("Refreshed")
+        UNAVAILABLE = "unavailable", _("Provider unavailable")
+        REFUSED = "refused", _("Refused")
+        REVOKED = "revoked", _("Grant ended (invalid_grant)")
+
+    id = models.BigAutoField(primary_key=True)
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="refresh_events")
+    at = models.DateTimeField(_("time"), default=timezone.now)
+    outcome = models.CharField(_("outcome"), max_length=12, choices=Outcome.choices)
+    # A short code (an OAuth error code or an HTTP status), never a body.
+    error_code = models.CharField(_("error"), max_length=64, blank=True)
+
+    class Meta:
+        verbose_name = _("token refresh")
+        verbose_name_plural = _("token refreshes")
+        ordering = ["-at"]
+        indexes = [models.Index(fields=["mailbox", "-at"], name="mailgov_refresh_mbox")]
+
+    def __str__(self) -> str:
+        return f"{self.outcome} {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class PendingRevocation(models.Model):
+    """The refresh token of a deleted mailbox, kept (encrypted, bound to this
+    row) until its grant is revoked at the provider.
+
+    Deleting a mailbox, or the user who owns it, must never orphan a live
+    grant at Google or Microsoft: :mod:`mailgov.deletion` moves the token
+    here before the mailbox row goes, and the revocation sweep retries it
+    like any other (see :mod:`mailgov.revocation`). Holds no address.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    mailbox_id = models.UUIDField(_("deleted mailbox"))
+    provider = models.CharField(_("provider"), max_length=64)
+    provider_binding = models.TextField(_("provider identity at connect time"), blank=True)
+    refresh_token = EncryptedTextField(null=True)
+    created_at = models.DateTimeField(_("queued"), default=timezone.now)
+    attempts = models.PositiveSmallIntegerField(_("attempts"), default=0)
+    retry_at = models.DateTimeField(_("next attempt"), null=True, blank=True)
+    given_up_at = models.DateTimeField(_("given up"), null=True, blank=True)
+
+    #: The encrypted columns, for rotation.
+    ENCRYPTED_FIELDS = ("refresh_token",)
+
+    class Meta:
+        verbose_name = _("pending revocation of a deleted mailbox")
+        verbose_name_plural = _("pending revocations of deleted mailboxes")
+        ordering = ["created_at"]
+
+    def __str__(self) -> str:
+        return f"revocation of deleted mailbox {self.mailbox_id}"
+
+    def __repr__(self) -> str:
+        return f"<PendingRevocation {self.pk} mailbox={self.mailbox_id}>"
+
+
+class Incident(models.Model):
+    """A security incident over some of the grants mailgov holds, with its
+    playbook steps (freeze, contain, rotate, notify, resolve) written to
+    :class:`IncidentEvent`. See :mod:`mailgov.incidents`."""
+
+    class Severity(models.TextChoices):
+        LOW = "low", _("Low")
+        MEDIUM = "medium", _("Medium")
+        HIGH = "high", _("High")
+        CRITICAL = "critical", _("Critical")
+
+    class Scope(models.TextChoices):
+        ALL = "all", _("Every mailbox")
+        PROVIDER = "provider", _("One provider")
+        CAPABILITY = "capability", _("One capability")
+        USERS = "users", _("Some users")
+        MAILBOXES = "mailboxes", _("Some mailboxes")
+
+    class State(models.TextChoices):
+        OPEN = "open", _("Open")
+        RESOLVED = "resolved", _("Resolved")
+
+    id = models.BigAutoField(primary_key=True)
+    title = models.CharField(_("title"), max_length=200)
+    severity = models.CharField(
+        _("severity"), max_length=10, choices=Severity.choices, default=Severity.HIGH
+    )
+    scope = models.CharField(_("scope"), max_length=12, choices=Scope.choices, default=Scope.ALL)
+    # The provider id or capability id of a provider or capability scope.
+    scope_value = models.CharField(_("provider or capability"), max_length=64, blank=True)
+    # User ids (users scope) or mailbox ids (mailboxes scope), as strings.
+    scope_ids = models.JSONField(_("users or mailboxes"), default=list, blank=True)
+    state = models.CharField(_("state"), max_length=10, choices=State.choices, default=State.OPEN)
+    declared_at = models.DateTimeField(_("declared"), default=timezone.now)
+    declared_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("declared by"),
+    )
+    # The kill switch: while frozen_at is set and unfrozen_at is not, no
+    # mailbox in the scope sends (checked at send time by every process).
+    frozen_at = models.DateTimeField(_("frozen"), null=True, blank=True)
+    unfrozen_at = models.DateTimeField(_("unfrozen"), null=True, blank=True)
+    contained_at = models.DateTimeField(_("contained"), null=True, blank=True)
+    notified_at = models.DateTimeField(_("owners notified"), null=True, blank=True)
+    # The owners' notice: Django template text, with the defaults from
+    # mailgov/email/incident_notice*.txt (translatable) until edited.
+    notice_subject = models.CharField(_("notice subject"), max_length=200, blank=True)
+    notice_body = models.TextField(_("notice text"), blank=True)
+    resolved_at = models.DateTimeField(_("resolved"), null=True, blank=True)
+    summary = models.TextField(_("summary"), blank=True)
+
+    class Meta:
+        verbose_name = _("incident")
+        verbose_name_plural = _("incidents")
+        ordering = ["-declared_at"]
+        permissions = [
+            ("manage_incident", _("Can declare incidents and run their playbook steps")),
+        ]
+        indexes = [models.Index(fields=["frozen_at", "unfrozen_at"], name="mailgov_incident_freeze")]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.title}"
+
+    @property
+    def frozen(self) -> bool:
+        return self.frozen_at is not None and self.unfrozen_at is None
+
+    def covers(self, mailbox: Mailbox) -> bool:
+        """Whether ``mailbox`` is in this incident's scope (see
+        :func:`mailgov.incidents.scope_queryset` for the set-based twin)."""
+        from mailgov.incidents import covers
+
+        return covers(self, mailbox)
+
+
+class IncidentEvent(models.Model):
+    """One line of an incident's timeline: a step, who took it, when, and counts."""
+
+    class Step(models.TextChoices):
+        DECLARE = "declare", _("Declared")
+        FREEZE = "freeze", _("Froze sending")
+        UNFREEZE = "unfreeze", _("Lifted the freeze")
+        CONTAIN = "contain", _("Contained (tokens made unusable)")
+        ROTATE = "rotate", _("Rotated the encryption key")
+        NOTIFY = "notify", _("Notified owners")
+        EXPORT = "export", _("Exported affected owners")
+        RESOLVE = "resolve", _("Resolved")
+        NOTE = "note", _("Note")
+
+    id = models.BigAutoField(primary_key=True)
+    incident = models.ForeignKey(Incident, on_delete=models.CASCADE, related_name="timeline")
+    step = models.CharField(_("step"), max_length=10, choices=Step.choices)
+    at = models.DateTimeField(_("time"), default=timezone.now)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("actor"),
+    )
+    # Who, in words: the username, or "shell (os user)" for a command.
+    actor_label = models.CharField(_("by"), max_length=200, blank=True)
+    counts = models.JSONField(_("counts"), default=dict, blank=True)
+    note = models.TextField(_("note"), blank=True)
+    cid = models.CharField(_("correlation id"), max_length=255, blank=True)
+
+    class Meta:
+        verbose_name = _("incident timeline entry")
+        verbose_name_plural = _("incident timeline")
+        ordering = ["at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.step} {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class AdminJob(models.Model):
+    """A governance action over a selection (revoke, suspend, release, ...):
+    who asked, what, how far it got and the outcome by result. Small
+    selections run in the request, larger ones in a Celery worker; both are
+    recorded here. See :mod:`mailgov.governance`."""
+
+    class State(models.TextChoices):
+        PENDING = "pending", _("Waiting for a worker")
+        RUNNING = "running", _("Running")
+        DONE = "done", _("Done")
+        FAILED = "failed", _("Failed")
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    action = models.CharField(_("action"), max_length=32)
+    target_ids = models.JSONField(_("selection"), default=list)
+    total = models.PositiveIntegerField(_("rows"), default=0)
+    done = models.PositiveIntegerField(_("rows done"), default=0)
+    counts = models.JSONField(_("outcome"), default=dict, blank=True)
+    state = models.CharField(
+        _("state"), max_length=10, choices=State.choices, default=State.PENDING
+    )
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("requested by"),
+    )
+    cid = models.CharField(_("correlation id"), max_length=255, blank=True)
+    created_at = models.DateTimeField(_("requested"), default=timezone.now)
+    started_at = models.DateTimeField(_("started"), null=True, blank=True)
+    finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
+    error = models.CharField(_("error"), max_length=255, blank=True)
+
+    class Meta:
+        verbose_name = _("governance job")
+        verbose_name_plural = _("governance jobs")
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.action} ({self.total})"
+
+    @property
+    def percent(self) -> int:
+        return 100 if not self.total else int(100 * self.done / self.total)
+
+
+class Governance(models.Model):
+    """No table: the anchor of the portal's own permissions and of the
+    dashboard's entry in the admin index."""
+
+    class Meta:
+        managed = False
+        default_permissions = ()
+        verbose_name = _("dashboard")
+        verbose_name_plural = _("dashboard")
+        permissions = [
+            ("view_dashboard", _("Can view the mail governance dashboard")),
+            ("export_data", _("Can export inventories and audit trails as CSV")),
+            ("govern_mailbox", _("Can revoke, suspend and resume mailboxes, require re-consent")),
+            ("manage_outbox", _("Can retry, cancel and release outbox messages")),
+        ]
+
+
+class AuditEntry(LogEntry):
+    """django-auditlog's entries, seen through the portal's audit view."""
+
+    class Meta:
+        proxy = True
+        verbose_name = _("audit entry")
+        verbose_name_plural = _("audit trail")

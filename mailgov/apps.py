@@ -11,13 +11,19 @@ class MailgovConfig(AppConfig):
 
     def ready(self) -> None:
         from auditlog.registry import auditlog
+        from django.db.models.signals import pre_delete
         from django.test.signals import setting_changed
 
         from mailgov import checks, receivers, signals  # noqa: F401  (registers checks)
-        from mailgov.models import Mailbox
+        from mailgov.models import ConsentReceipt, Incident, Mailbox, OutboxMessage
 
         setting_changed.connect(
             receivers.reset_keyring_on_setting_change, dispatch_uid="mailgov.reset_keyring"
+        )
+        pre_delete.connect(
+            receivers.keep_grant_for_revocation,
+            sender=Mailbox,
+            dispatch_uid="mailgov.keep_grant_for_revocation",
         )
         signals.mailbox_needs_reconsent.connect(
             receivers.log_needs_reconsent, dispatch_uid="mailgov.log_needs_reconsent"
@@ -37,3 +43,8 @@ class MailgovConfig(AppConfig):
                 "revocation_retry_at",
             ],
         )
+        # Outbox rows: their state only (never the payload, never the
+        # envelope). Incidents and consent receipts hold no secret.
+        auditlog.register(OutboxMessage, include_fields=["state"])
+        auditlog.register(Incident)
+        auditlog.register(ConsentReceipt)

@@ -30,6 +30,7 @@ from django.utils import timezone
 
 from mailgov.conf import mailgov_settings
 from mailgov.exceptions import MailgovConfigurationError, ProviderChangedError
+from mailgov.freeze import freeze_of
 from mailgov.models import Mailbox, OutboxAttempt, OutboxMessage
 from mailgov.outcomes import MAILBOX_HOLD_CODES
 from mailgov.providers import get_mailbox_provider
@@ -148,6 +149,12 @@ def _gate(mailbox: Mailbox, now: datetime) -> Room | None:
     if mailbox.status != Mailbox.Status.ACTIVE:
         code = MAILBOX_HOLD_CODES.get(mailbox.status, "mailbox_unavailable")
         _hold_mailbox(mailbox, code, f"{code}: {mailbox.revocation_reason}", now)
+        return None
+    frozen_by = freeze_of(mailbox)
+    if frozen_by is not None:
+        # The incident kill switch: held, not sent and not lost; lifting the
+        # freeze queues them again (mailgov.incidents.unfreeze).
+        _hold_mailbox(mailbox, "frozen", f"frozen: incident #{frozen_by.pk}", now)
         return None
     if mailbox.sending_paused_until and mailbox.sending_paused_until > now:
         _defer(mailbox.pk, mailbox.sending_paused_until, "paused", now)

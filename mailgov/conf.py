@@ -88,6 +88,14 @@ DEFAULTS: dict[str, Any] = {
     # grants that have ended (proof of consent outlives the grant).
     "SENDLOG_RETENTION_DAYS": 90,
     "RECEIPT_RETENTION_DAYS": 1095,
+    # -- the governance portal (mailgov.governance, mailgov.admin) --------------
+    # Selections up to this many rows are acted on in the request; larger
+    # ones by a Celery worker, with progress shown in the admin.
+    "ADMIN_INLINE_ROWS": 200,
+    # The template the consent and mailbox pages extend: the host's base
+    # template, whose header and sign-out they then carry. It must define
+    # the blocks "title" and "content".
+    "BASE_TEMPLATE": "mailgov/base.html",
 }
 
 #: Settings that may also come from the process environment.

@@ -73,6 +73,24 @@ class ProviderChangedError(MailboxUnavailableError):
         self.provider_id = provider_id
 
 
+class SendingFrozenError(MailboxUnavailableError):
+    """Sending is frozen for this mailbox by an open incident (the kill
+    switch); nothing was sent. ``incident_id`` names the incident."""
+
+    def __init__(self, message: str, *, incident_id: int | None = None):
+        super().__init__(message)
+        self.incident_id = incident_id
+
+
+class IncidentStateError(MailgovError, ValueError):
+    """An incident step does not fit the incident's state (freezing a
+    resolved incident, resolving one twice)."""
+
+
+class GovernanceActionError(MailgovError, ValueError):
+    """An unknown governance action, or one asked of the wrong kind of row."""
+
+
 class DecryptionError(MailgovError):
     """A stored value could not be decrypted. Names the row and field, never the value."""
 

@@ -525,7 +525,9 @@ class Incident(models.Model):
         permissions = [
             ("manage_incident", _("Can declare incidents and run their playbook steps")),
         ]
-        indexes = [models.Index(fields=["frozen_at", "unfrozen_at"], name="mailgov_incident_freeze")]
+        indexes = [
+            models.Index(fields=["frozen_at", "unfrozen_at"], name="mailgov_incident_freeze")
+        ]
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.title}"
@@ -631,12 +633,12 @@ class AdminJob(models.Model):
         return 100 if not self.total else int(100 * self.done / self.total)
 
 
-class Governance(models.Model):
-    """No table: the anchor of the portal's own permissions and of the
-    dashboard's entry in the admin index."""
+class Governance(Mailbox):
+    """No table of its own (a proxy): the anchor of the portal's own
+    permissions and of the dashboard's entry in the admin index."""
 
     class Meta:
-        managed = False
+        proxy = True
         default_permissions = ()
         verbose_name = _("dashboard")
         verbose_name_plural = _("dashboard")
@@ -646,6 +648,9 @@ class Governance(models.Model):
             ("govern_mailbox", _("Can revoke, suspend and resume mailboxes, require re-consent")),
             ("manage_outbox", _("Can retry, cancel and release outbox messages")),
         ]
+
+    def __str__(self) -> str:
+        return "mail governance"
 
 
 class AuditEntry(LogEntry):

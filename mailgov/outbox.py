@@ -329,8 +329,12 @@ def dispatch(
     messages (a second hint for a mailbox a worker is on costs one empty
     claim). Returns counts."""
     now = now or timezone.now()
+    from mailgov.incidents import release_frozen
+
     recovered = recover_interrupted(now=now)
-    released = release_auto_held(now=now)
+    # Mail held by a freeze that has been lifted meanwhile (a claim that
+    # read the freeze just before it was lifted) goes again too.
+    released = release_auto_held(now=now) + release_frozen(now=now)
     due = OutboxMessage.objects.filter(state=State.QUEUED, next_attempt_at__lte=now)
     mailbox_ids = [
         str(pk) if pk is not None else None

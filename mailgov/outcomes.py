@@ -26,6 +26,7 @@ from mailgov.exceptions import (
     ProviderChangedError,
     ProviderUnavailableError,
     SendCancelled,
+    SendingFrozenError,
     SMTPAuthenticationRejected,
     SMTPSecurityError,
     TokenRefreshError,
@@ -88,6 +89,7 @@ HOLD_ERRORS = (
     (GrantRevokedError, "mailbox_needs_reconsent"),
     (ConsentRequiredError, "scope_missing"),
     (ProviderChangedError, "provider_changed"),
+    (SendingFrozenError, "frozen"),
     (MailboxUnavailableError, "mailbox_unavailable"),
 )
 

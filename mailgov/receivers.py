@@ -20,3 +20,11 @@ def log_needs_reconsent(*, mailbox: Any, reason: str, **kwargs: Any) -> None:
     security_logger.warning(
         "mailbox %s needs re-consent (%s)", mailbox.pk, reason.replace("\n", " ")[:100]
     )
+
+
+def keep_grant_for_revocation(*, instance: Any, **kwargs: Any) -> None:
+    """Before a mailbox row is deleted (the admin, an ORM cascade from its
+    owner, a shell): its grant must not be orphaned at the provider."""
+    from mailgov.revocation import keep_for_revocation
+
+    keep_for_revocation(instance)

@@ -28,14 +28,22 @@ from mailgov.exceptions import (
     ProviderError,
     ProviderUnavailableError,
 )
-from mailgov.models import Mailbox, MailboxCredentials
+from mailgov.models import Mailbox, MailboxCredentials, PendingRevocation
 from mailgov.outcomes import backoff
-from mailgov.providers import get_mailbox_provider
+from mailgov.providers import get_mailbox_provider, get_provider
 
 logger = logging.getLogger("mailgov")
 security_logger = logging.getLogger("mailgov.security")
 
-__all__ = ["RevocationResult", "retry_revocations", "revoke_at_provider", "revoke_mailbox"]
+__all__ = [
+    "RevocationResult",
+    "keep_for_revocation",
+    "queue_revocations",
+    "retry_revocations",
+    "revoke_at_provider",
+    "revoke_deleted",
+    "revoke_mailbox",
+]
 
 
 @dataclass
@@ -51,6 +59,15 @@ class RevocationResult:
 
     at_provider: bool | None
 
+
+#: Credentials whose grant is to be revoked at the provider: of a revoked
+#: mailbox, or of one an administrator sent back to re-consent
+#: (:func:`mailgov.services.require_reconsent`, which sets a retry time).
+PENDING = Q(mailbox__status=Mailbox.Status.REVOKED) | Q(
+    Q(mailbox__revocation_retry_at__isnull=False)
+    | Q(mailbox__revocation_given_up_at__isnull=False),
+    mailbox__status=Mailbox.Status.NEEDS_RECONSENT,
+)
 
 #: Backoff of provider-side revocation retries (seconds): from BASE, doubling, up to CAP.
 REVOCATION_RETRY_BASE = 60
@@ -122,6 +139,133 @@ def _queue_revocation(mailbox_id: Any) -> None:
         )
 
 
+#: Mailboxes per ``mailgov.revoke_many`` task.
+REVOKE_CHUNK = 200
+
+
+def queue_revocations(mailbox_ids: list[Any]) -> int:
+    """Queue the provider-side revocation of many revoked mailboxes (one task
+    per :data:`REVOKE_CHUNK`); call on commit. Whatever cannot be queued is
+    left to the retry sweep, which finds the same rows. Returns tasks queued."""
+    from mailgov import tasks
+
+    queued = 0
+    for start in range(0, len(mailbox_ids), REVOKE_CHUNK):
+        chunk = [str(pk) for pk in mailbox_ids[start : start + REVOKE_CHUNK]]
+        error = tasks.publish_task(tasks.revoke_many, args=(chunk,))
+        if error is not None:
+            logger.warning(
+                "revocation tasks not queued (%s); the sweep will retry", type(error).__name__
+            )
+            break
+        queued += 1
+    return queued
+
+
+# -- deleted mailboxes ----------------------------------------------------------------
+
+
+@sensitive_variables()
+def keep_for_revocation(mailbox: Mailbox) -> PendingRevocation | None:
+    """Before ``mailbox`` is deleted: keep its refresh token (re-sealed to a
+    :class:`PendingRevocation` row) until its grant is revoked at the
+    provider, and queue that revocation on commit. ``None`` when there is
+    nothing to revoke (no refresh token held)."""
+    credentials = MailboxCredentials.objects.filter(
+        pk=mailbox.pk, refresh_token__isnull=False
+    ).first()
+    if credentials is None:
+        return None
+    try:
+        token = credentials.refresh_token
+    except Exception as exc:  # DecryptionError: nothing can be revoked with it
+        security_logger.error(
+            "mailbox %s deleted; its refresh token could not be read (%s), so its grant at "
+            "provider %r must be revoked there by hand",
+            mailbox.pk,
+            type(exc).__name__,
+            mailbox.provider,
+        )
+        return None
+    pending = PendingRevocation(
+        mailbox_id=mailbox.pk,
+        provider=mailbox.provider,
+        provider_binding=mailbox.provider_binding,
+        retry_at=timezone.now(),
+    )
+    pending.refresh_token = token
+    pending.save()
+    transaction.on_commit(lambda: _queue_deleted(pending.pk))
+    security_logger.info(
+        "mailbox %s deleted; revocation of its grant at provider %r queued",
+        mailbox.pk,
+        mailbox.provider,
+    )
+    return pending
+
+
+def _queue_deleted(pending_id: Any) -> None:
+    from mailgov import tasks
+
+    error = tasks.publish_task(tasks.revoke_deleted, args=(str(pending_id),))
+    if error is not None:
+        logger.warning(
+            "revocation task not queued (%s); the sweep will retry", type(error).__name__
+        )
+
+
+@sensitive_variables()
+def revoke_deleted(pending_id: Any, *, now=None) -> str:
+    """Revoke a deleted mailbox's grant at its provider; the row goes once
+    done. Outcomes as :func:`revoke_at_provider`."""
+    now = now or timezone.now()
+    pending = PendingRevocation.objects.filter(pk=pending_id).first()
+    if pending is None or pending.refresh_token is None:
+        return "nothing"
+    try:
+        provider = get_provider(pending.provider)
+        if pending.provider_binding and provider.identity != pending.provider_binding:
+            raise ProviderChangedError("provider reconfigured", provider_id=pending.provider)
+    except (ProviderChangedError, MailgovConfigurationError):
+        security_logger.warning(
+            "deleted mailbox %s: provider %r is not configured as the provider it was "
+            "connected through; its refresh token was not sent there (revocation pending)",
+            pending.mailbox_id,
+            pending.provider,
+        )
+        return _deleted_failed(pending, now)
+    try:
+        outcome = "revoked" if provider.revoke(pending.refresh_token) else "no_endpoint"
+    except ProviderUnavailableError:
+        return _deleted_failed(pending, now)
+    except ProviderError as exc:
+        logger.warning("deleted mailbox %s: revocation refused: %s", pending.mailbox_id, exc)
+        outcome = "refused"
+    PendingRevocation.objects.filter(pk=pending.pk).delete()
+    return outcome
+
+
+def _deleted_failed(pending: PendingRevocation, now) -> str:
+    attempts = pending.attempts + 1
+    if attempts >= int(mailgov_settings.REVOCATION_MAX_ATTEMPTS):
+        PendingRevocation.objects.filter(pk=pending.pk).update(
+            attempts=attempts, retry_at=None, given_up_at=now
+        )
+        security_logger.error(
+            "deleted mailbox %s: revocation at provider %r failed %d times; the refresh token "
+            "is kept for a manual retry (manage.py mailgov_retry_revocations)",
+            pending.mailbox_id,
+            pending.provider,
+            attempts,
+        )
+        return "gave_up"
+    PendingRevocation.objects.filter(pk=pending.pk).update(
+        attempts=attempts,
+        retry_at=backoff(attempts, now, base=REVOCATION_RETRY_BASE, cap=REVOCATION_RETRY_CAP),
+    )
+    return "pending"
+
+
 @sensitive_variables()
 def revoke_at_provider(mailbox_id: Any, *, now=None) -> str:
     """Revoke a revoked mailbox's refresh token at its provider. Idempotent.
@@ -136,9 +280,7 @@ def revoke_at_provider(mailbox_id: Any, *, now=None) -> str:
     """
     now = now or timezone.now()
     credentials = (
-        MailboxCredentials.objects.filter(
-            pk=mailbox_id, mailbox__status=Mailbox.Status.REVOKED, refresh_token__isnull=False
-        )
+        MailboxCredentials.objects.filter(PENDING, pk=mailbox_id, refresh_token__isnull=False)
         .select_related("mailbox")
         .first()
     )
@@ -204,9 +346,7 @@ def retry_revocations(*, due_only: bool = False, now=None, progress=None) -> dic
     """
     now = now or timezone.now()
     counts = {"revoked": 0, "no_endpoint": 0, "refused": 0, "pending": 0, "gave_up": 0}
-    pending = MailboxCredentials.objects.filter(
-        mailbox__status=Mailbox.Status.REVOKED, refresh_token__isnull=False
-    )
+    pending = MailboxCredentials.objects.filter(PENDING, refresh_token__isnull=False)
     if due_only:
         pending = pending.filter(
             Q(mailbox__revocation_retry_at__isnull=True) | Q(mailbox__revocation_retry_at__lte=now),
@@ -220,6 +360,20 @@ def retry_revocations(*, due_only: bool = False, now=None, progress=None) -> dic
     ids = list(pending.values_list("pk", flat=True))
     for mailbox_id in ids:
         outcome = revoke_at_provider(mailbox_id, now=now)
+        if outcome in counts:
+            counts[outcome] += 1
+        if progress is not None:
+            progress(1)
+    # Grants of deleted mailboxes, kept in PendingRevocation rows.
+    deleted = PendingRevocation.objects.all()
+    if due_only:
+        deleted = deleted.filter(
+            Q(retry_at__isnull=True) | Q(retry_at__lte=now), given_up_at__isnull=True
+        )
+    else:
+        PendingRevocation.objects.update(attempts=0, given_up_at=None)
+    for pending_id in list(deleted.values_list("pk", flat=True)):
+        outcome = revoke_deleted(pending_id, now=now)
         if outcome in counts:
             counts[outcome] += 1
         if progress is not None:

@@ -260,6 +260,62 @@ def suspend_mailbox(mailbox: Mailbox, reason: str) -> bool:
     return changed
 
 
+def resume_mailbox(mailbox: Mailbox, reason: str = "") -> bool:
+    """Let a suspended mailbox send again (its held mail is released by the
+    dispatch sweep). Returns whether the status changed."""
+    with transaction.atomic():
+        locked = Mailbox.objects.select_for_update(no_key=True).get(pk=mailbox.pk)
+        changed = locked.status == Mailbox.Status.SUSPENDED
+        if changed:
+            locked.status = Mailbox.Status.ACTIVE
+            locked.revocation_reason = ""
+            locked.save(update_fields=["status", "revocation_reason"])
+    if changed:
+        security_logger.info("mailbox %s resumed (%s)", mailbox.pk, reason.split(":")[0])
+    mailbox.status = locked.status
+    mailbox.revocation_reason = locked.revocation_reason
+    return changed
+
+
+def require_reconsent(mailbox: Mailbox, reason: str) -> bool:
+    """Send an active or suspended mailbox back to its owner for a new
+    consent: ``needs_reconsent`` at once, its access token wiped, and its
+    grant revoked at the provider (queued, retried like any revocation), so
+    that no old grant outlives the new one. Returns whether the status changed.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        locked = Mailbox.objects.select_for_update(no_key=True).get(pk=mailbox.pk)
+        changed = locked.status in (Mailbox.Status.ACTIVE, Mailbox.Status.SUSPENDED)
+        if changed:
+            credentials = (
+                MailboxCredentials.objects.select_for_update(no_key=True)
+                .filter(pk=mailbox.pk)
+                .first()
+            )
+            pending = credentials is not None and credentials.refresh_token is not None
+            locked.status = Mailbox.Status.NEEDS_RECONSENT
+            locked.revocation_reason = reason[:255]
+            locked.save(update_fields=["status", "revocation_reason"])
+            Mailbox.objects.filter(pk=locked.pk).update(
+                revocation_attempts=0,
+                revocation_retry_at=now if pending else None,
+                revocation_given_up_at=None,
+            )
+            if credentials is not None:
+                credentials.access_token = None
+                credentials.expires_at = None
+                credentials.save()
+            if pending:
+                from mailgov.revocation import queue_revocations
+
+                transaction.on_commit(lambda: queue_revocations([locked.pk]))
+            notify_needs_reconsent(locked, reason.split(":")[0])
+    mailbox.status = locked.status
+    mailbox.revocation_reason = locked.revocation_reason
+    return changed
+
+
 def bind_mailboxes(provider_id: str, *, actor: str = "") -> int:
     """Bind every mailbox of ``provider_id`` whose binding differs (or is
     missing) to the provider's identity as configured now; return how many.
@@ -322,6 +378,8 @@ __all__ = [
     "key_usage",
     "mark_needs_reconsent",
     "provider_bindings",
+    "require_reconsent",
+    "resume_mailbox",
     "retry_revocations",
     "revoke_at_provider",
     "revoke_mailbox",

@@ -18,7 +18,7 @@ from typing import Any
 from celery import shared_task
 from django.conf import settings
 
-from mailgov import delivery, lifecycle, outbox, services
+from mailgov import delivery, lifecycle, outbox, revocation, services
 from mailgov.schedule import PERIODS
 from mailgov.sweeps import exclusive
 
@@ -62,7 +62,12 @@ def deliver_outbox(mailbox_id: str | None = None, kind: str = "mail") -> dict[st
 @shared_task(name="mailgov.dispatch_outbox", ignore_result=True)
 def dispatch_outbox() -> dict[str, int] | None:
     """Recover interrupted sends and publish work for every mailbox with due mail."""
-    return _sweep("mailgov.dispatch_outbox", outbox.dispatch)
+    result = _sweep("mailgov.dispatch_outbox", outbox.dispatch)
+    if result is not None:
+        from mailgov import governance
+
+        result["jobs_requeued"] = governance.resume_stale_jobs()
+    return result
 
 
 @shared_task(name="mailgov.refresh_tokens", ignore_result=True)
@@ -81,6 +86,31 @@ def retry_revocations() -> dict[str, int] | None:
 def revoke_at_provider(mailbox_id: str) -> str:
     """Revoke one revoked mailbox's grant at its provider (idempotent)."""
     return services.revoke_at_provider(mailbox_id)
+
+
+@shared_task(name="mailgov.revoke_many", ignore_result=True)
+def revoke_many(mailbox_ids: list[str]) -> dict[str, int]:
+    """Revoke many revoked mailboxes' grants at their providers (a contained
+    incident's), one after the other."""
+    counts: dict[str, int] = {}
+    for mailbox_id in mailbox_ids:
+        outcome = services.revoke_at_provider(mailbox_id)
+        counts[outcome] = counts.get(outcome, 0) + 1
+    return counts
+
+
+@shared_task(name="mailgov.revoke_deleted", ignore_result=True)
+def revoke_deleted(pending_id: str) -> str:
+    """Revoke a deleted mailbox's grant at its provider (idempotent)."""
+    return revocation.revoke_deleted(pending_id)
+
+
+@shared_task(name="mailgov.run_governance_job", ignore_result=True)
+def run_governance_job(job_id: str) -> dict[str, int] | None:
+    """Run a governance action over a large selection (see mailgov.governance)."""
+    from mailgov import governance
+
+    return governance.run_job(job_id)
 
 
 @shared_task(name="mailgov.revoke_dormant", ignore_result=True)

@@ -21,8 +21,8 @@ from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
 from mailgov.conf import mailgov_settings
-from mailgov.exceptions import GrantRevokedError, MailboxUnavailableError
-from mailgov.models import Mailbox, MailboxCredentials
+from mailgov.exceptions import GrantRevokedError, MailboxUnavailableError, ProviderError
+from mailgov.models import Mailbox, MailboxCredentials, RefreshEvent
 from mailgov.providers import Provider, get_mailbox_provider
 from mailgov.services import (
     apply_token_response,
@@ -99,6 +99,32 @@ def _refresh(
     # so that the lock is held for one HTTP call only.
     _ = provider.token_endpoint
     warn_inside_transaction("refreshes a token")
+    try:
+        return _refresh_locked(
+            mailbox, provider, margin, force_refresh=force_refresh, rejected_token=rejected_token
+        )
+    except ProviderError as exc:
+        if not isinstance(exc, GrantRevokedError):
+            # The refresh's transaction rolled back: the history is written after.
+            RefreshEvent.objects.create(
+                mailbox_id=mailbox.pk,
+                outcome=RefreshEvent.Outcome.UNAVAILABLE
+                if exc.retryable
+                else RefreshEvent.Outcome.REFUSED,
+                error_code=(exc.error or (str(exc.status) if exc.status else ""))[:64],
+            )
+        raise
+
+
+@sensitive_variables()
+def _refresh_locked(
+    mailbox: Mailbox,
+    provider: Provider,
+    margin: int,
+    *,
+    force_refresh: bool,
+    rejected_token: str | None,
+) -> str:
     revoked: GrantRevokedError | None = None
     with transaction.atomic():
         # FOR NO KEY UPDATE: holds off other refreshes of this mailbox, but not
@@ -129,6 +155,11 @@ def _refresh(
             # Record the fall in this same transaction (the lock is still
             # held); the exception is raised once it has committed.
             revoked = exc
+            RefreshEvent.objects.create(
+                mailbox_id=locked.pk,
+                outcome=RefreshEvent.Outcome.REVOKED,
+                error_code="invalid_grant",
+            )
             if mark_needs_reconsent_locked(locked, credentials, "invalid_grant"):
                 notify_needs_reconsent(locked, "invalid_grant")
         else:
@@ -144,6 +175,9 @@ def _refresh(
                 locked.scopes = sorted(set(response.scopes))
                 locked.save(update_fields=["scopes"])
             Mailbox.objects.filter(pk=locked.pk).update(**fields)
+            RefreshEvent.objects.create(
+                mailbox_id=locked.pk, at=now, outcome=RefreshEvent.Outcome.OK
+            )
             mailbox.last_refreshed_at = now
             token = credentials.access_token
     if revoked is not None:

@@ -11,9 +11,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
-from django.core.mail import send_mail
+from django.core.mail import EmailMessage, send_mail
 from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 from django.test import override_settings
@@ -21,8 +22,17 @@ from django.test import override_settings
 from mailgov import rotation
 from mailgov.crypto import generate_key_entry, reset_keyring
 from mailgov.fields import Sealed
-from mailgov.models import Mailbox, MailboxCredentials, SendLog
+from mailgov.models import (
+    Mailbox,
+    MailboxCredentials,
+    OutboxMessage,
+    PendingRevocation,
+    SendLog,
+)
+from mailgov.outbox import enqueue
+from mailgov.rotation import rotation_pending_by_model, rotation_pending_count
 from mailgov.services import key_usage, rotate_keys
+from mailgov.validation import prepare_message
 
 ROOT = Path(__file__).resolve().parent.parent
 OLD = generate_key_entry("old")
@@ -333,3 +343,154 @@ def test_the_command_fails_while_values_remain_under_an_old_key(monkeypatch):
     )
     with pytest.raises(CommandError, match="run the command again: row-7"):
         call_command("mailgov_rotate_keys", stdout=io.StringIO(), stderr=io.StringIO())
+
+
+# -- every encrypted table: outbox payloads, pending revocations ---------------------
+
+CREDENTIALS = "mailgov.mailboxcredentials"
+OUTBOX = "mailgov.outboxmessage"
+REVOCATIONS = "mailgov.pendingrevocation"
+
+
+def make_outbox(owner, n: int, *, body: str = "Body text.") -> list[OutboxMessage]:
+    """``n`` queued messages (payloads sealed under the keyring in force),
+    through the outbox's own enqueue, as the queued backend stores them."""
+    mailbox = Mailbox.objects.create(owner=owner, provider="demo", address="sender@x.test")
+    prepared = [
+        prepare_message(EmailMessage(f"m{i}", body, "sender@x.test", [f"to{i}@x.test"]))
+        for i in range(n)
+    ]
+    return enqueue(prepared, [mailbox] * n, [None] * n)
+
+
+def payload_of(row: OutboxMessage) -> dict:
+    return json.loads(OutboxMessage.objects.get(pk=row.pk).payload)
+
+
+@pytest.mark.django_db
+def test_outbox_payloads_and_pending_revocations_are_rotated_too(owner):
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[OLD]):
+        credentials = make_credentials(owner, 2)
+        messages = make_outbox(owner, 3)
+        # Sent: the payload is gone, nothing to rotate.
+        OutboxMessage.objects.filter(pk=messages[2].pk).update(state="sent", payload=None)
+        revocation = PendingRevocation.objects.create(
+            mailbox_id=uuid4(), provider="x", refresh_token="secret"
+        )
+        envelopes = [payload_of(row) for row in messages[:2]]
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[NEW, OLD]):
+        assert rotation_pending_by_model() == {CREDENTIALS: 2, OUTBOX: 2, REVOCATIONS: 1}
+        assert rotation_pending_count() == 5
+        assert key_usage(by_model=True) == {
+            CREDENTIALS: {"old": 4},
+            OUTBOX: {"old": 2},
+            REVOCATIONS: {"old": 1},
+        }
+        assert key_usage() == {"old": 7}
+        out = io.StringIO()
+        call_command("mailgov_rotate_keys", "--dry-run", stdout=out)
+        report = out.getvalue()
+        assert "old: 7 values (decrypt-only)" in report
+        assert f"{CREDENTIALS}: 4 values to rotate in 2 rows" in report
+        assert f"{OUTBOX}: 2 values to rotate in 2 rows" in report
+        assert f"{REVOCATIONS}: 1 values to rotate in 1 rows" in report
+        assert "rows to rotate: 5" in report
+        done: list[int] = []
+        result = rotate_keys(batch_size=2, progress=done.append)
+        assert (result.rotated, result.rows) == (7, 5)
+        assert result.failed_rows == [] and result.busy_rows == []
+        assert sum(done) == 5 and max(done) <= 2
+        assert rotation_pending_count() == 0
+        assert key_usage(by_model=True) == {
+            CREDENTIALS: {"new": 4},
+            OUTBOX: {"new": 2},
+            REVOCATIONS: {"new": 1},
+        }
+    # The old key can go: every table still decrypts with the new one alone.
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[NEW]):
+        assert [payload_of(row) for row in messages[:2]] == envelopes
+        assert envelopes[0]["to"] == ["to0@x.test"]
+        assert OutboxMessage.objects.get(pk=messages[2].pk).payload is None
+        assert PendingRevocation.objects.get(pk=revocation.pk).refresh_token == "secret"
+        for i, row in enumerate(credentials):
+            assert MailboxCredentials.objects.get(pk=row.pk).refresh_token == f"refresh-{i}"
+
+
+@pytest.mark.django_db
+def test_the_command_rotates_every_table(owner):
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[OLD]):
+        make_outbox(owner, 3)
+        PendingRevocation.objects.create(mailbox_id=uuid4(), provider="x", refresh_token="secret")
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[NEW, OLD]):
+        out = io.StringIO()
+        call_command("mailgov_rotate_keys", stdout=out, stderr=io.StringIO())
+        assert "Re-encrypted 4 values in 4 rows under key 'new'" in out.getvalue()
+        assert key_usage() == {"new": 4}
+
+
+@pytest.mark.django_db
+def test_a_payload_written_by_a_sender_mid_batch_is_not_overwritten(owner, monkeypatch):
+    """Between the batch's read and its write, a worker sends one message
+    (its payload set to NULL, as delivery's mark-sent does) and a retry
+    gives another a new payload under the primary key. The rotation puts
+    back neither the sent message's body nor the retried one's old body."""
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[OLD]):
+        sent, retried, untouched = make_outbox(owner, 3)
+    original = rotation._write_batch
+    raced = []
+
+    def sender_writes_first(rows, table, *args):
+        if table.model is OutboxMessage and not raced:
+            raced.append(True)
+            OutboxMessage.objects.filter(pk=sent.pk).update(state="sent", payload=None)
+            row = OutboxMessage.objects.get(pk=retried.pk)
+            row.payload = json.dumps({"retry": True})
+            row.save(update_fields=["payload"])
+        return original(rows, table, *args)
+
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[NEW, OLD]):
+        reset_keyring()
+        monkeypatch.setattr(rotation, "_write_batch", sender_writes_first)
+        result = rotate_keys(batch_size=10)
+        assert raced
+        assert result.busy_rows == [] and result.failed_rows == []
+        assert (result.rows, result.rotated) == (1, 1)
+        assert key_usage() == {"new": 2}
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[NEW]):
+        reset_keyring()
+        assert OutboxMessage.objects.get(pk=sent.pk).payload is None
+        assert payload_of(retried) == {"retry": True}
+        assert payload_of(untouched)["to"] == ["to2@x.test"]
+
+
+@pytest.mark.django_db
+def test_an_unreadable_payload_is_reported_by_model_and_pk(owner):
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[OLD]):
+        a, b = make_outbox(owner, 2)
+        moved = OutboxMessage.objects.get(pk=a.pk).__dict__["payload"]
+        OutboxMessage.objects.filter(pk=b.pk).update(payload=Sealed(moved.ciphertext))
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[NEW, OLD]):
+        result = rotate_keys()
+        assert result.failed_rows == [f"{OUTBOX}:{b.pk}"]
+        assert (result.rows, result.rotated) == (1, 1)
+        with pytest.raises(CommandError, match=f"{OUTBOX}:{b.pk}"):
+            call_command("mailgov_rotate_keys", stdout=io.StringIO(), stderr=io.StringIO())
+
+
+@pytest.mark.django_db
+def test_large_payloads_are_rotated_in_batches_bounded_in_size(owner, monkeypatch):
+    """A batch of outbox payloads (attachments) is cut by size, not only by
+    rows; values too long for the batch's first query are read apart."""
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[OLD]):
+        messages = make_outbox(owner, 5, body="x" * 3000)
+        envelopes = [payload_of(row) for row in messages]
+    size = len(OutboxMessage.objects.get(pk=messages[0].pk).__dict__["payload"].ciphertext)
+    monkeypatch.setattr(rotation, "BATCH_MAX_CHARS", 2 * size + 10)
+    monkeypatch.setattr(rotation, "_INLINE_MAX_CHARS", 100)
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[NEW, OLD]):
+        done: list[int] = []
+        result = rotate_keys(batch_size=10, progress=done.append)
+        assert done == [2, 2, 1]
+        assert (result.rows, result.rotated) == (5, 5)
+    with override_settings(MAILGOV_ENCRYPTION_KEYS=[NEW]):
+        assert [payload_of(row) for row in messages] == envelopes

@@ -55,6 +55,7 @@ from mailgov.exceptions import (
     SMTPAuthenticationRejected,
     SMTPSecurityError,
 )
+from mailgov.freeze import active_freezes, check_not_frozen, send_gate
 from mailgov.models import Mailbox, SendLog
 from mailgov.providers import Provider, get_mailbox_provider
 from mailgov.services import mark_needs_reconsent, suspend_mailbox
@@ -296,6 +297,7 @@ class EmailBackend(smtp.EmailBackend):
                     by_address[mailbox.address_lower] = mailbox
         result = []
         checked: dict[Any, Provider] = {}  # one check per mailbox, not per message
+        freezes = active_freezes()
         for item in prepared:
             mailbox = by_address.get(item.address)
             if mailbox is None and self.mailbox is not None:
@@ -306,6 +308,7 @@ class EmailBackend(smtp.EmailBackend):
             provider = checked.get(mailbox.pk) if mailbox is not None else None
             if provider is None:
                 provider = self._check_mailbox(mailbox, item.address)
+                check_not_frozen(mailbox, freezes)
                 checked[mailbox.pk] = provider
             if len(item.recipients) > provider.max_recipients_per_message:
                 raise InvalidMessageError(
@@ -391,6 +394,10 @@ class EmailBackend(smtp.EmailBackend):
                     on_result(item, exc, {})
 
         try:
+            # Before the token is used: the kill switch and the status, as
+            # committed now (an incident may have frozen or contained the
+            # mailbox since the batch was resolved or claimed).
+            send_gate(mailbox)
             new_connection = self._open_for(mailbox)
         except NEVER_SILENT as exc:
             self.failed_at_open = True
@@ -409,6 +416,15 @@ class EmailBackend(smtp.EmailBackend):
         sent = 0
         try:
             for index, item in enumerate(items):
+                if index:
+                    try:
+                        send_gate(mailbox)
+                    except MailboxUnavailableError as exc:
+                        # Frozen or contained during the batch: nothing more
+                        # goes out over this connection.
+                        fail(items[index:], exc)
+                        self.close()
+                        raise
                 try:
                     pre_send.send(
                         sender=type(self),

@@ -4,12 +4,14 @@ from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
 from mailgov.crypto import get_keyring
-from mailgov.services import key_usage, rotate_keys, rotation_pending
+from mailgov.rotation import rotation_pending_by_model, rotation_pending_count
+from mailgov.services import key_usage, rotate_keys
 
 
 class Command(BaseCommand):
     help = (
-        "Re-encrypt every stored token that is not under the primary (first) key. "
+        "Re-encrypt every stored value (tokens, outbox payloads, every encrypted column) "
+        "that is not under the primary (first) key. "
         "Batched, resumable, safe while mail is being sent."
     )
 
@@ -22,7 +24,11 @@ class Command(BaseCommand):
     def handle(self, *args, dry_run: bool = False, batch_size: int | None = None, **options):
         keyring = get_keyring()
         if dry_run:
-            usage = key_usage()
+            by_model = key_usage(by_model=True)
+            usage: dict[str, int] = {}
+            for counts in by_model.values():
+                for key_id, n in counts.items():
+                    usage[key_id] = usage.get(key_id, 0) + n
             for key_id in sorted(set(usage) | set(keyring.key_ids)):
                 role = (
                     "primary"
@@ -30,9 +36,17 @@ class Command(BaseCommand):
                     else ("decrypt-only" if key_id in keyring.ciphers else "NOT IN KEYRING")
                 )
                 self.stdout.write(f"{key_id}: {usage.get(key_id, 0)} values ({role})")
-            self.stdout.write(f"rows to rotate: {rotation_pending().count()}")
+            pending = rotation_pending_by_model()
+            for label, rows in pending.items():
+                values = sum(
+                    n
+                    for key_id, n in by_model.get(label, {}).items()
+                    if key_id != keyring.primary_id
+                )
+                self.stdout.write(f"{label}: {values} values to rotate in {rows} rows")
+            self.stdout.write(f"rows to rotate: {sum(pending.values())}")
             return
-        total = rotation_pending().count()
+        total = rotation_pending_count()
         with tqdm(total=total, unit="row", disable=None, file=self.stderr._out) as bar:
             result = rotate_keys(batch_size=batch_size, progress=bar.update)
         self.stdout.write(

@@ -31,7 +31,15 @@ from django.utils import timezone
 
 security_logger = logging.getLogger("mailgov.security")
 
-__all__ = ["acting_as", "current_cid", "log_denied", "log_rows", "log_summary", "new_cid"]
+__all__ = [
+    "acting_as",
+    "current_cid",
+    "log_access",
+    "log_denied",
+    "log_rows",
+    "log_summary",
+    "new_cid",
+]
 
 #: auditlog's actions, by name.
 ACTIONS = {
@@ -164,5 +172,21 @@ def log_denied(request: Any, what: str, target: type[models.Model] | models.Mode
         {"denied": [None, what]},
         user,
         {"denied": what, "path": getattr(request, "path", "")[:300]},
+        timezone.now(),
+    ).save()
+
+
+def log_access(request: Any, what: str, model: type[models.Model], count: int) -> None:
+    """An export (``what``, ``count`` rows of ``model``) as an ``access``
+    entry: exports of personal data are themselves audited."""
+    content_type = ContentType.objects.get_for_model(model, for_concrete_model=False)
+    _entry(
+        content_type,
+        "-",
+        f"export: {what}",
+        "access",
+        {"exported": [None, count]},
+        getattr(request, "user", None),
+        {"export": what, "rows": count, "path": getattr(request, "path", "")[:300]},
         timezone.now(),
     ).save()

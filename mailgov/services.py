@@ -34,7 +34,13 @@ from mailgov.revocation import (
     revoke_at_provider,
     revoke_mailbox,
 )
-from mailgov.rotation import RotationResult, key_usage, rotate_keys, rotation_pending
+from mailgov.rotation import (
+    RotationResult,
+    key_usage,
+    rotate_keys,
+    rotation_pending,
+    rotation_pending_count,
+)
 from mailgov.signals import mailbox_needs_reconsent
 
 logger = logging.getLogger("mailgov")
@@ -385,5 +391,6 @@ __all__ = [
     "revoke_mailbox",
     "rotate_keys",
     "rotation_pending",
+    "rotation_pending_count",
     "suspend_mailbox",
 ]

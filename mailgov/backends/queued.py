@@ -63,6 +63,9 @@ class EmailBackend(BaseEmailBackend):
         self.mailbox = mailbox
         # Only its checks are used: it opens no connection here.
         self._checker = SMTPBackend(mailbox=mailbox)
+        # A frozen mailbox's mail is accepted and held by the claim (nothing
+        # lost; it goes when the freeze is lifted), not refused here.
+        self._checker.check_freeze = False
 
     def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
         """Check and store ``email_messages``; return how many are in the outbox

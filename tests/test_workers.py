@@ -316,3 +316,71 @@ def test_a_revocation_runs_as_a_task_and_is_retried_after_503(workers, two_boxes
     # The retry sweep, when its time has come (injected, not slept).
     assert retry_revocations(due_only=True, now=retry_at)["revoked"] == 1
     assert refresh_token_state(authserver, token) == "revoked"
+
+
+def send_from_another_process(broker, demo_provider, sender: str) -> dict:
+    env = worker_env({"demo": demo_provider}, broker, MAILGOV_TEST_FROM=sender)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.workers.send"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
+def test_a_freeze_stops_other_processes_and_workers_and_lifting_it_loses_nothing(
+    workers, two_boxes, smtp, broker, demo_provider
+):
+    from mailgov import incidents
+
+    workers(1)
+    incident = incidents.declare(title="Drill", scope="provider", scope_value="demo")
+    incidents.freeze(incident)  # committed: every process sees it from now on
+    assert send_from_another_process(broker, demo_provider, "alice@example.test") == {
+        "error": "SendingFrozenError"
+    }
+    ids = enqueue("alice@example.test", 3)
+    wait_for(lambda: states()[State.HELD] == 3, 60, "held by the worker")
+    assert smtp.messages == []
+    assert set(OutboxMessage.objects.values_list("error_code", flat=True)) == {"frozen"}
+    incidents.unfreeze(incident)  # queued again and published on commit
+    wait_for(lambda: states()[State.SENT] == 3, 60, "delivery after the freeze")
+    assert send_from_another_process(broker, demo_provider, "alice@example.test") == {"sent": 1}
+    assert len(message_ids(smtp)) == 4 and len(ids) == 3
+
+
+def test_contain_and_a_governance_job_run_by_a_worker_as_the_admin(
+    workers, two_boxes, authserver, settings, django_user_model
+):
+    from auditlog.models import LogEntry
+    from django.contrib.auth.models import Permission
+
+    from mailgov import governance, incidents
+    from mailgov.models import AdminJob, Mailbox
+
+    settings.MAILGOV_ADMIN_INLINE_ROWS = 0  # every selection goes to a worker
+    officer = django_user_model.objects.create_user("officer", "o@example.test", "x")
+    # (The groups of the data migration do not survive a transactional test's flush.)
+    officer.user_permissions.add(Permission.objects.get(codename="govern_mailbox"))
+    alice, bob = two_boxes
+    tokens = {box.pk: MailboxCredentials.objects.get(pk=box.pk).refresh_token for box in two_boxes}
+    workers(1)
+    # A job: suspend bob, run by the worker under the officer's name and request id.
+    job = governance.start("suspend", [bob.pk], user=officer, cid="req-42")
+    wait_for(lambda: AdminJob.objects.get(pk=job.pk).state == AdminJob.State.DONE, 60, "the job")
+    assert AdminJob.objects.get(pk=job.pk).counts == {"suspended": 1}
+    entry = LogEntry.objects.filter(object_pk=str(bob.pk)).latest("timestamp")
+    assert (entry.actor_id, entry.cid) == (officer.pk, "req-42")
+    # Contain alice: revoked here at once, at the provider by the worker's task.
+    incident = incidents.declare(title="Leak", scope="mailboxes", scope_ids=[alice.pk])
+    incidents.contain(incident, actor=officer)
+    assert Mailbox.objects.get(pk=alice.pk).status == Mailbox.Status.REVOKED
+    wait_for(
+        lambda: refresh_token_state(authserver, tokens[alice.pk]) == "revoked",
+        60,
+        "the revocation at the provider",
+    )
+    assert refresh_token_state(authserver, tokens[bob.pk]) == "live"

@@ -30,7 +30,7 @@ from django.utils import timezone
 
 from mailgov.conf import mailgov_settings
 from mailgov.exceptions import MailgovConfigurationError, ProviderChangedError
-from mailgov.freeze import freeze_of
+from mailgov.freeze import block_of
 from mailgov.models import Mailbox, OutboxAttempt, OutboxMessage
 from mailgov.outcomes import MAILBOX_HOLD_CODES
 from mailgov.providers import get_mailbox_provider
@@ -150,11 +150,14 @@ def _gate(mailbox: Mailbox, now: datetime) -> Room | None:
         code = MAILBOX_HOLD_CODES.get(mailbox.status, "mailbox_unavailable")
         _hold_mailbox(mailbox, code, f"{code}: {mailbox.revocation_reason}", now)
         return None
-    frozen_by = freeze_of(mailbox)
-    if frozen_by is not None:
-        # The incident kill switch: held, not sent and not lost; lifting the
-        # freeze queues them again (mailgov.incidents.unfreeze).
-        _hold_mailbox(mailbox, "frozen", f"frozen: incident #{frozen_by.pk}", now)
+    blocked = block_of(mailbox)
+    if blocked is not None:
+        # An incident's kill switch: held, not sent and not lost. Lifting a
+        # freeze queues them again (mailgov.incidents.unfreeze); contained
+        # mail goes once its owner reconnects, as for any revoked mailbox.
+        incident, how = blocked
+        code = "frozen" if how == "frozen" else MAILBOX_HOLD_CODES[Mailbox.Status.REVOKED]
+        _hold_mailbox(mailbox, code, f"{how}: incident #{incident.pk}", now)
         return None
     if mailbox.sending_paused_until and mailbox.sending_paused_until > now:
         _defer(mailbox.pk, mailbox.sending_paused_until, "paused", now)

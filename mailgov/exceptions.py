@@ -82,6 +82,15 @@ class SendingFrozenError(MailboxUnavailableError):
         self.incident_id = incident_id
 
 
+class MailboxContainedError(MailboxUnavailableError):
+    """An incident's containment made this mailbox's tokens unusable; its
+    grant is being revoked. ``incident_id`` names the incident."""
+
+    def __init__(self, message: str, *, incident_id: int | None = None):
+        super().__init__(message)
+        self.incident_id = incident_id
+
+
 class IncidentStateError(MailgovError, ValueError):
     """An incident step does not fit the incident's state (freezing a
     resolved incident, resolving one twice)."""

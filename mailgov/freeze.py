@@ -1,30 +1,133 @@
-"""The kill switch: an open incident's freeze stops sending in its scope.
+"""The kill switches of incidents: freeze (no sending) and containment (no
+token used), checked at the moment of use by every process.
 
-Checked at send time by every process that sends (the web process calling
-the SMTP backend, a Celery worker, a shell), against the database, never a
-cache: a send that starts after the freeze committed sees it. The check is
-one query while nothing is frozen (a count of frozen incidents), and one
-more to read the frozen scopes when something is.
+Both are one row of :class:`~mailgov.models.Incident` (its scope and a
+time), so that switching them on takes one small write, whatever the size
+of the scope, and is seen by every process (the web process calling the
+SMTP backend, a Celery worker, a shell) as soon as it commits. The checks
+read the database, never a cache: one query while nothing is switched on
+(whether any incident blocks anything), and one more to read the scopes
+when something is.
 
-Where it is checked:
+- A **freeze** covers the mailboxes in its scope while it is on: nothing is
+  sent (:class:`~mailgov.exceptions.SendingFrozenError`); queued mail is
+  held by the claim, not lost, and queued again when it is lifted.
+- A **containment** covers the mailboxes in its scope connected before it:
+  their tokens are neither handed out nor refreshed
+  (:class:`~mailgov.exceptions.MailboxContainedError`) while
+  :func:`mailgov.incidents.contain` revokes the rows, set-based; once every
+  row is revoked the containment is done and no longer checked. A mailbox
+  its owner reconnects afterwards is a new grant and is not covered.
 
-- :class:`mailgov.backends.smtp.EmailBackend` before a batch and before
-  each message (a frozen mailbox raises :class:`SendingFrozenError`);
-- :func:`mailgov.claims.claim_batch` (the queued path): a frozen mailbox's
-  due messages are held with ``error_code="frozen"``, not sent, not lost;
-  :func:`mailgov.incidents.unfreeze` queues them again.
+Checked by :class:`mailgov.backends.smtp.EmailBackend` (before a batch and
+before each message), :func:`mailgov.tokens.get_access_token` (every token
+handed out or refreshed) and :func:`mailgov.claims.claim_batch`.
 """
 
 from __future__ import annotations
 
 from django.db.models import Exists, Q
 
-from mailgov.exceptions import MailboxUnavailableError, SendingFrozenError
+from mailgov.exceptions import MailboxContainedError, MailboxUnavailableError, SendingFrozenError
 from mailgov.models import Incident, Mailbox
 
-__all__ = ["active_freezes", "check_not_frozen", "freeze_of", "send_gate"]
+__all__ = [
+    "BLOCKING",
+    "FROZEN",
+    "active_blocks",
+    "active_freezes",
+    "block_of",
+    "check_not_blocked",
+    "freeze_of",
+    "send_gate",
+]
 
 FROZEN = Q(frozen_at__isnull=False, unfrozen_at__isnull=True)
+CONTAINING = Q(contained_at__isnull=False, containment_done_at__isnull=True)
+#: Incidents whose switch is on.
+BLOCKING = FROZEN | CONTAINING
+
+
+def active_blocks() -> list[Incident]:
+    """The incidents whose freeze or containment is on now."""
+    return list(Incident.objects.filter(BLOCKING).order_by("pk"))
+
+
+def block_of(
+    mailbox: Mailbox, incidents: list[Incident] | None = None, *, sending: bool = True
+) -> tuple[Incident, str] | None:
+    """The first incident that blocks ``mailbox`` and how (``"contained"``,
+    or ``"frozen"`` when ``sending``), or ``None``. A containment comes first."""
+    from mailgov.incidents import covers
+
+    incidents = active_blocks() if incidents is None else incidents
+    for incident in incidents:
+        if (
+            incident.contained_at is not None
+            and incident.containment_done_at is None
+            and mailbox.connected_at <= incident.contained_at
+            and covers(incident, mailbox)
+        ):
+            return incident, "contained"
+    if sending:
+        for incident in incidents:
+            if incident.frozen and covers(incident, mailbox):
+                return incident, "frozen"
+    return None
+
+
+def check_not_blocked(
+    mailbox: Mailbox, incidents: list[Incident] | None = None, *, sending: bool = True
+) -> None:
+    """Raise :class:`MailboxContainedError` or :class:`SendingFrozenError`
+    (``sending`` only) if an incident blocks ``mailbox``."""
+    found = block_of(mailbox, incidents, sending=sending)
+    if found is None:
+        return
+    incident, how = found
+    if how == "contained":
+        raise MailboxContainedError(
+            f"Mailbox {mailbox.pk} was contained by incident #{incident.pk}: its tokens are "
+            "not used; nothing was sent.",
+            incident_id=incident.pk,
+        )
+    raise SendingFrozenError(
+        f"Sending from mailbox {mailbox.pk} is frozen by incident #{incident.pk}; "
+        "nothing was sent.",
+        incident_id=incident.pk,
+    )
+
+
+def any_block() -> Exists:
+    """An expression: whether any incident's switch is on (for annotations)."""
+    return Exists(Incident.objects.filter(BLOCKING))
+
+
+def send_gate(mailbox: Mailbox) -> None:
+    """Before each message: the mailbox is still active, not contained and
+    not frozen.
+
+    One query (the mailbox's status, and whether any switch is on): a
+    connection opened before an incident's containment or freeze must not
+    go on sending. Raises :class:`SendingFrozenError`,
+    :class:`MailboxContainedError` or :class:`MailboxUnavailableError`.
+    """
+    row = (
+        Mailbox.objects.filter(pk=mailbox.pk)
+        .annotate(any_block=any_block())
+        .values_list("status", "connected_at", "any_block")
+        .first()
+    )
+    if row is None:
+        raise MailboxUnavailableError(f"Mailbox {mailbox.pk} no longer exists; nothing was sent.")
+    status, connected_at, blocked = row
+    if status != Mailbox.Status.ACTIVE:
+        raise MailboxUnavailableError(
+            f"Mailbox {mailbox.pk} is {status}; nothing more is sent from it."
+        )
+    if blocked:
+        mailbox.connected_at = connected_at
+        check_not_blocked(mailbox)
 
 
 def active_freezes() -> list[Incident]:
@@ -37,46 +140,6 @@ def freeze_of(mailbox: Mailbox, freezes: list[Incident] | None = None) -> Incide
     from mailgov.incidents import covers
 
     for incident in active_freezes() if freezes is None else freezes:
-        if covers(incident, mailbox):
+        if incident.frozen and covers(incident, mailbox):
             return incident
     return None
-
-
-def _raise(mailbox: Mailbox, incident: Incident) -> None:
-    raise SendingFrozenError(
-        f"Sending from mailbox {mailbox.pk} is frozen by incident #{incident.pk}; "
-        "nothing was sent.",
-        incident_id=incident.pk,
-    )
-
-
-def check_not_frozen(mailbox: Mailbox, freezes: list[Incident] | None = None) -> None:
-    """Raise :class:`SendingFrozenError` if a freeze covers ``mailbox``."""
-    incident = freeze_of(mailbox, freezes)
-    if incident is not None:
-        _raise(mailbox, incident)
-
-
-def send_gate(mailbox: Mailbox) -> None:
-    """Before each message: the mailbox is still active and not frozen.
-
-    One query (the mailbox's status, and whether any freeze is on): a
-    connection opened before an incident's containment or freeze must not
-    go on sending. Raises :class:`SendingFrozenError` or
-    :class:`~mailgov.exceptions.MailboxUnavailableError`.
-    """
-    row = (
-        Mailbox.objects.filter(pk=mailbox.pk)
-        .annotate(any_freeze=Exists(Incident.objects.filter(FROZEN)))
-        .values_list("status", "any_freeze")
-        .first()
-    )
-    if row is None:
-        raise MailboxUnavailableError(f"Mailbox {mailbox.pk} no longer exists; nothing was sent.")
-    status, any_freeze = row
-    if status != Mailbox.Status.ACTIVE:
-        raise MailboxUnavailableError(
-            f"Mailbox {mailbox.pk} is {status}; nothing more is sent from it."
-        )
-    if any_freeze:
-        check_not_frozen(mailbox)

@@ -40,7 +40,16 @@ security_logger = logging.getLogger("mailgov.security")
 
 State = OutboxMessage.State
 
-__all__ = ["ACTIONS", "Action", "resume_stale_jobs", "run_job", "start", "start_rotation"]
+__all__ = [
+    "ACTIONS",
+    "Action",
+    "resume_stale_jobs",
+    "run_job",
+    "start",
+    "start_containment",
+    "start_notify",
+    "start_rotation",
+]
 
 
 @dataclass(frozen=True)
@@ -189,14 +198,14 @@ ACTIONS: dict[str, Action] = {
 }
 
 #: Actions that are not row actions: they run through their own starters.
-SPECIAL = {"rotate_keys", "notify"}
+SPECIAL = {"rotate_keys", "notify", "contain"}
 
 
 def allowed(user: Any, action_name: str) -> bool:
     """Whether ``user`` may run ``action_name`` (key rotation: superusers)."""
     if action_name == "rotate_keys":
         return bool(getattr(user, "is_superuser", False))
-    if action_name == "notify":
+    if action_name in ("notify", "contain"):
         return bool(user and user.has_perm("mailgov.manage_incident"))
     action = ACTIONS.get(action_name)
     return bool(action and user and user.has_perm(action.permission))
@@ -263,6 +272,28 @@ def start_notify(incident: Incident, *, user: Any, cid: str = "") -> AdminJob:
     return job
 
 
+def start_containment(incident: Incident, *, user: Any, cid: str = "") -> tuple[dict, AdminJob]:
+    """Contain the incident at once (one write: every token in the scope
+    unusable), then revoke the rows: here for a small scope, else in a
+    worker. Returns the containment's counts and the job."""
+    from mailgov.incidents import contain
+
+    counts = contain(incident, actor=user, finish=False)
+    job = AdminJob.objects.create(
+        action="contain",
+        target_ids=[str(incident.pk)],
+        total=counts.get("mailboxes", 0),
+        requested_by=user if getattr(user, "is_authenticated", False) else None,
+        cid=(cid or current_cid())[:255],
+    )
+    if job.total <= int(mailgov_settings.ADMIN_INLINE_ROWS):
+        run_job(job.pk)
+        job.refresh_from_db()
+    else:
+        transaction.on_commit(lambda: _publish(job.pk))
+    return counts, job
+
+
 def _publish(job_id: Any) -> None:
     from mailgov import tasks
 
@@ -316,6 +347,8 @@ def run_job(job_id: Any) -> dict[str, int] | None:
                 counts = _run_rotation(job, user)
             elif job.action == "notify":
                 counts = _run_notify(job, user)
+            elif job.action == "contain":
+                counts = _run_containment(job, user)
             else:
                 counts = _run_rows(job, ACTIONS[job.action], user)
             _finish(job, counts)
@@ -399,6 +432,20 @@ def _run_notify(job: AdminJob, user: Any) -> dict[str, int]:
             AdminJob.objects.filter(pk=job.pk).update(done=done)
 
     return notify(incident, actor=user, progress=progress)
+
+
+def _run_containment(job: AdminJob, user: Any) -> dict[str, int]:
+    from mailgov.incidents import finish_containment
+
+    incident = Incident.objects.get(pk=job.target_ids[0])
+    done = 0
+
+    def progress(rows: int) -> None:
+        nonlocal done
+        done += rows
+        AdminJob.objects.filter(pk=job.pk).update(done=done)
+
+    return finish_containment(incident, actor=user, progress=progress)
 
 
 def resume_stale_jobs(*, now=None) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q, QuerySet
+from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.template import Context, Engine, TemplateSyntaxError
 from django.utils import timezone, translation
 from django.utils.translation import gettext_lazy as _
@@ -352,27 +352,84 @@ def unfreeze(incident: Incident, *, actor: Any = None, label: str = "") -> dict[
 # -- contain --------------------------------------------------------------------------
 
 
-def contain(incident: Incident, *, actor: Any = None, label: str = "") -> dict[str, int]:
-    """Make every token in the scope unusable at once; queue the provider
-    revocations.
+def contain(
+    incident: Incident,
+    *,
+    actor: Any = None,
+    label: str = "",
+    finish: bool = True,
+    progress: Any = None,
+) -> dict[str, int]:
+    """Make every token in the scope unusable at once; then revoke the rows.
 
-    Set-based, in one transaction: every mailbox in the scope that is not
-    revoked yet becomes ``revoked`` (so no process hands out or refreshes
-    its tokens, and the revocation sweep takes it up), every access token
-    in the scope is wiped, and queued mail is held (released if its owner
-    reconnects). Refresh tokens stay, encrypted and unusable, only until
-    the provider confirms their revocation. One summarised audit entry
-    names the mailboxes. Returns ``{"mailboxes", "tokens_wiped", "held"}``.
+    At once: one write, whatever the size of the scope (the incident's
+    ``contained_at``, checked by every process before a token is handed out,
+    refreshed or sent with, see :mod:`mailgov.freeze`). It covers the
+    mailboxes in the scope connected before it. Then, unless ``finish`` is
+    false (the admin leaves it to a worker), :func:`finish_containment`.
+    Returns ``{"mailboxes"}`` (in the scope when contained), plus the counts
+    of :func:`finish_containment` when it ran here.
     """
-    from mailgov.revocation import queue_revocations
-
     now = timezone.now()
     with transaction.atomic():
         locked = _open(incident)
-        reason = f"incident #{locked.pk}: contained"
-        scope = scope_q(locked)
-        contained = (
-            Mailbox.objects.filter(scope)
+        if locked.contained_at is None:
+            locked.contained_at = now
+            locked.save(update_fields=["contained_at"])
+            counts = {"mailboxes": _contained(locked).count()}
+            record(locked, Step.CONTAIN, actor=actor, label=label, counts=counts)
+        else:
+            counts = {"already": 1}
+    _refresh(incident, locked)
+    if "already" not in counts:
+        security_logger.warning(
+            "incident #%s: tokens of %d mailboxes made unusable", incident.pk, counts["mailboxes"]
+        )
+    if finish:
+        counts.update(finish_containment(incident, actor=actor, label=label, progress=progress))
+    return counts
+
+
+def _contained(incident: Incident) -> QuerySet[Mailbox]:
+    """The mailboxes a containment covers: in the scope, connected before it."""
+    return Mailbox.objects.filter(scope_q(incident), connected_at__lte=incident.contained_at)
+
+
+def finish_containment(
+    incident: Incident,
+    *,
+    actor: Any = None,
+    label: str = "",
+    progress: Any = None,
+) -> dict[str, int]:
+    """Revoke the contained mailboxes' rows, set-based, and queue their
+    provider revocations. All or nothing: a run cut short changes nothing,
+    and the containment stays on until a run completes.
+
+    In one transaction: the mailboxes become ``revoked``
+    (so the revocation sweep takes them up), their access tokens are wiped,
+    their queued mail is held (it goes if the owner reconnects), and the
+    provider revocations are published on commit. Refresh tokens stay,
+    encrypted and unusable, only until the provider confirms. Then one
+    summarised audit entry names every mailbox, and the containment is done.
+    Returns ``{"revoked", "tokens_wiped", "held"}``.
+    """
+    from mailgov.revocation import queue_revocations
+
+    locked = Incident.objects.get(pk=incident.pk)
+    if locked.contained_at is None:
+        raise IncidentStateError(f"Incident #{incident.pk} is not contained.")
+    if locked.containment_done_at is not None:
+        return {"revoked": 0, "tokens_wiped": 0, "held": 0}
+    reason = f"incident #{locked.pk}: contained"
+    now = timezone.now()
+    with transaction.atomic():
+        # One statement per table (chunks cost SQLite a checkpoint each and
+        # PostgreSQL as many index passes): the switch already protects
+        # every token, so a lock held for the seconds this takes at 100,000
+        # rows only delays what would be refused anyway.
+        revoked = (
+            _contained(locked)
             .exclude(status=Mailbox.Status.REVOKED)
             .update(
                 status=Mailbox.Status.REVOKED,
@@ -383,43 +440,46 @@ def contain(incident: Incident, *, actor: Any = None, label: str = "") -> dict[s
                 revocation_given_up_at=None,
             )
         )
+        # Exactly the rows just revoked: their time and reason are this run's.
+        these = Mailbox.objects.filter(revoked_at=now, revocation_reason=reason)
+        # EXISTS, not IN: SQLite runs the correlated form several times
+        # faster at this size.
         wiped = MailboxCredentials.objects.filter(
-            mailbox__in=Mailbox.objects.filter(scope), access_token__isnull=False
+            Exists(these.filter(pk=OuterRef("pk"))), access_token__isnull=False
         ).update(access_token=None, expires_at=None)
         held = OutboxMessage.objects.filter(
+            Exists(these.filter(pk=OuterRef("mailbox_id"))),
             kind=OutboxMessage.Kind.MAIL,
             state=State.QUEUED,
-            mailbox__in=Mailbox.objects.filter(scope),
         ).update(
             state=State.HELD, error_code="mailbox_revoked", held_reason=reason, finished_at=now
         )
-        # Exactly the rows this update changed: its time and reason are its own.
-        ids = list(
-            Mailbox.objects.filter(revoked_at=now, revocation_reason=reason).values_list(
-                "pk", flat=True
-            )
-        )
-        locked.contained_at = now
-        locked.save(update_fields=["contained_at"])
-        counts = {"mailboxes": contained, "tokens_wiped": wiped, "held": held}
+        every_id = list(these.values_list("pk", flat=True))
+        transaction.on_commit(lambda: queue_revocations(every_id))
+        if progress is not None:
+            progress(revoked)
+    totals = {"revoked": revoked, "tokens_wiped": wiped, "held": held}
+    with transaction.atomic():
+        Incident.objects.filter(pk=locked.pk).update(containment_done_at=timezone.now())
         log_summary(
             locked,
             what="contained",
-            ids=ids,
+            ids=every_id,
             changes={"status": ["(various)", Mailbox.Status.REVOKED]},
             actor=actor,
-            counts=counts,
+            counts=totals,
         )
-        record(locked, Step.CONTAIN, actor=actor, label=label, counts=counts)
-        transaction.on_commit(lambda: queue_revocations(ids))
-    _refresh(incident, locked)
-    security_logger.warning(
-        "incident #%s: %d mailboxes contained, %d access tokens wiped",
-        incident.pk,
-        contained,
-        wiped,
-    )
-    return counts
+        record(
+            locked,
+            Step.CONTAIN,
+            actor=actor,
+            label=label,
+            counts=totals,
+            note="every contained mailbox revoked; provider revocations queued",
+        )
+    incident.containment_done_at = timezone.now()
+    logger.info("incident #%s: containment done (%d mailboxes revoked)", locked.pk, len(every_id))
+    return totals
 
 
 # -- notify ---------------------------------------------------------------------------
@@ -629,6 +689,8 @@ def incident_status(incident: Incident) -> dict[str, Any]:
         "severity": incident.severity,
         "scope": describe_scope(incident),
         "frozen": incident.frozen,
+        "contained": incident.contained_at is not None,
+        "containment_done": incident.containment_done_at is not None,
         "mailboxes": sum(by_status.values()),
         "by_status": by_status,
         "held": OutboxMessage.objects.filter(

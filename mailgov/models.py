@@ -509,7 +509,12 @@ class Incident(models.Model):
     # mailbox in the scope sends (checked at send time by every process).
     frozen_at = models.DateTimeField(_("frozen"), null=True, blank=True)
     unfrozen_at = models.DateTimeField(_("unfrozen"), null=True, blank=True)
+    # Containment: from contained_at on, no token of a mailbox in the scope
+    # connected before it is used by any process (checked like the freeze);
+    # the rows are then revoked set-based, and containment_done_at set once
+    # every one is (the check is then no longer needed).
     contained_at = models.DateTimeField(_("contained"), null=True, blank=True)
+    containment_done_at = models.DateTimeField(_("containment done"), null=True, blank=True)
     notified_at = models.DateTimeField(_("owners notified"), null=True, blank=True)
     # The owners' notice: Django template text, with the defaults from
     # mailgov/email/incident_notice*.txt (translatable) until edited.

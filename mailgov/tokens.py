@@ -22,6 +22,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from mailgov.conf import mailgov_settings
 from mailgov.exceptions import GrantRevokedError, MailboxUnavailableError, ProviderError
+from mailgov.freeze import any_block, check_not_blocked
 from mailgov.models import Mailbox, MailboxCredentials, RefreshEvent
 from mailgov.providers import Provider, get_mailbox_provider
 from mailgov.services import (
@@ -75,11 +76,18 @@ def get_access_token(
         # revoked mailbox falls through to the checks below and is refused.
         # The row decides, not the caller's copy: still active, and still
         # bound to the provider as configured in this process.
-        credentials = MailboxCredentials.objects.filter(
-            pk=mailbox.pk,
-            mailbox__status=Mailbox.Status.ACTIVE,
-            mailbox__provider_binding=provider.identity,
-        ).first()
+        credentials = (
+            MailboxCredentials.objects.filter(
+                pk=mailbox.pk,
+                mailbox__status=Mailbox.Status.ACTIVE,
+                mailbox__provider_binding=provider.identity,
+            )
+            # An incident's containment (mailgov.freeze), in the same query.
+            .annotate(any_block=any_block())
+            .first()
+        )
+        if credentials is not None and credentials.any_block:
+            check_not_blocked(mailbox, sending=False)
         if credentials is not None and credentials.access_token_valid(margin):
             return credentials.access_token
     return _refresh(
@@ -137,6 +145,9 @@ def _refresh_locked(
             raise MailboxUnavailableError(
                 f"Mailbox {locked.pk} is {locked.status}; it cannot be used to send."
             )
+        # Never refreshed once an incident contained it (its grant is being
+        # revoked at the provider).
+        check_not_blocked(locked, sending=False)
         if locked.provider_binding != provider.identity:
             # Rebound or reconnected meanwhile: the fresh row decides.
             get_mailbox_provider(locked)

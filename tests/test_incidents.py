@@ -20,6 +20,7 @@ from mailgov.audit import acting_as
 from mailgov.delivery import deliver
 from mailgov.exceptions import (
     IncidentStateError,
+    MailboxContainedError,
     MailboxUnavailableError,
     SendingFrozenError,
     TokenRefreshError,
@@ -212,30 +213,42 @@ def test_contain_makes_every_token_in_scope_unusable_at_once_then_revokes_them(
     tokens = {name: refresh_token_of(box) for name, box in boxes.items()}
     [held] = enqueue("alice@example.test")
     incident = incidents.declare(title="t", scope="users", scope_ids=[alice.owner_id])
+    # At once: one write, whatever the scope's size.
+    with CaptureQueriesContext(connection) as queries:
+        assert incidents.contain(incident, actor=officer, finish=False) == {"mailboxes": 1}
+    writes = [q for q in queries.captured_queries if q["sql"].startswith(("UPDATE", "INSERT"))]
+    assert len(writes) == 3  # the switch, its audit entry, its timeline entry
+    # From here on no process hands out, refreshes or sends with alice's tokens,
+    # though her row is not revoked yet.
+    assert Mailbox.objects.get(pk=alice.pk).status == Mailbox.Status.ACTIVE
+    with pytest.raises(MailboxContainedError, match=f"incident #{incident.pk}"):
+        get_access_token(alice)
+    with pytest.raises(MailboxContainedError):
+        get_access_token(alice, force_refresh=True)
+    with pytest.raises(MailboxContainedError):
+        send("alice@example.test")
+    deliver(mailbox_id=str(alice.pk))
+    assert OutboxMessage.objects.get(pk=held).state == State.HELD
+    assert smtp.messages == []
+    assert send("bob@example.test") == 1  # out of scope
+    # Then the rows, set-based; revocations published on commit.
     published = []
-    # What goes to the broker on commit (the task itself is run below).
     monkeypatch.setattr("mailgov.revocation.queue_revocations", published.extend)
     with (
         django_capture_on_commit_callbacks(execute=True),
         CaptureQueriesContext(connection) as queries,
     ):
-        counts = incidents.contain(incident, actor=officer)
-    assert counts == {"mailboxes": 1, "tokens_wiped": 1, "held": 1}
-    # Set-based: a handful of statements, not one per mailbox.
+        counts = incidents.finish_containment(incident, actor=officer)
+    assert counts == {"revoked": 1, "tokens_wiped": 1, "held": 0}
     updates = [q for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
-    assert len(updates) <= 4
+    assert len(updates) <= 5  # a few statements per chunk, not one per mailbox
     alice.refresh_from_db()
     assert alice.status == Mailbox.Status.REVOKED
     assert alice.revocation_reason == f"incident #{incident.pk}: contained"
     assert MailboxCredentials.objects.get(pk=alice.pk).access_token is None
-    with pytest.raises(MailboxUnavailableError):
-        get_access_token(alice)
-    with pytest.raises(MailboxUnavailableError):
-        send("alice@example.test")
-    assert OutboxMessage.objects.get(pk=held).state == State.HELD
-    # Out of scope: untouched.
+    assert Incident.objects.get(pk=incident.pk).containment_done_at is not None
     bob.refresh_from_db()
-    assert bob.status == Mailbox.Status.ACTIVE and send("bob@example.test") == 1
+    assert bob.status == Mailbox.Status.ACTIVE
     # The provider revocation: queued on commit, done by the task (run here).
     assert published == [alice.pk]
     assert refresh_token_state(authserver, tokens["alice"]) == "live"
@@ -246,9 +259,38 @@ def test_contain_makes_every_token_in_scope_unusable_at_once_then_revokes_them(
     entry = LogEntry.objects.get(object_repr__endswith="contained")
     assert entry.actor == officer
     assert entry.additional_data["ids"] == [str(alice.pk)]
-    assert json.dumps(entry.changes).count("revoked") == 1
-    # Contain again: nothing left to contain.
-    assert incidents.contain(incident)["mailboxes"] == 0
+    steps = list(incident.timeline.values_list("step", flat=True))
+    assert steps == ["declare", "contain", "contain"]
+    assert incidents.contain(incident) == {"already": 1, "revoked": 0, "tokens_wiped": 0, "held": 0}
+
+
+def test_contain_covers_only_grants_older_than_itself(boxes, connect):
+    incident = incidents.declare(title="t", scope="provider", scope_value="demo")
+    incidents.contain(incident, finish=False)
+    assert incidents.contain(incident, finish=False) == {"already": 1}
+    fresh = connect("alice")  # reconnected after the containment: a new grant
+    assert get_access_token(fresh)
+    with pytest.raises(MailboxContainedError):
+        get_access_token(boxes["bob"])
+    assert incidents.finish_containment(incident)["revoked"] == 1
+    assert Mailbox.objects.get(pk=fresh.pk).status == Mailbox.Status.ACTIVE
+
+
+def test_a_containment_cut_short_stays_on_until_a_run_completes(boxes, monkeypatch):
+    incident = incidents.declare(title="t")
+    incidents.contain(incident, finish=False)
+    monkeypatch.setattr("mailgov.revocation.queue_revocations", lambda ids: 0)
+
+    def die(rows):
+        raise RuntimeError("worker lost")
+
+    with pytest.raises(RuntimeError):
+        incidents.finish_containment(incident, progress=die)
+    assert Mailbox.objects.filter(status="revoked").count() == 0  # rolled back
+    with pytest.raises(MailboxContainedError):  # and still covered
+        get_access_token(boxes["alice"])
+    assert incidents.finish_containment(incident)["revoked"] == 2
+    assert Incident.objects.get(pk=incident.pk).containment_done_at is not None
 
 
 def test_contained_mail_goes_out_after_the_owner_reconnects(boxes, connect, smtp):

@@ -55,7 +55,7 @@ from mailgov.exceptions import (
     SMTPAuthenticationRejected,
     SMTPSecurityError,
 )
-from mailgov.freeze import active_freezes, check_not_frozen, send_gate
+from mailgov.freeze import active_blocks, check_not_blocked, send_gate
 from mailgov.models import Mailbox, SendLog
 from mailgov.providers import Provider, get_mailbox_provider
 from mailgov.services import mark_needs_reconsent, suspend_mailbox
@@ -300,7 +300,7 @@ class EmailBackend(smtp.EmailBackend):
                     by_address[mailbox.address_lower] = mailbox
         result = []
         checked: dict[Any, Provider] = {}  # one check per mailbox, not per message
-        freezes = active_freezes() if self.check_freeze else []
+        blocks = active_blocks()
         for item in prepared:
             mailbox = by_address.get(item.address)
             if mailbox is None and self.mailbox is not None:
@@ -311,7 +311,7 @@ class EmailBackend(smtp.EmailBackend):
             provider = checked.get(mailbox.pk) if mailbox is not None else None
             if provider is None:
                 provider = self._check_mailbox(mailbox, item.address)
-                check_not_frozen(mailbox, freezes)
+                check_not_blocked(mailbox, blocks, sending=self.check_freeze)
                 checked[mailbox.pk] = provider
             if len(item.recipients) > provider.max_recipients_per_message:
                 raise InvalidMessageError(

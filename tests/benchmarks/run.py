@@ -30,6 +30,10 @@
    its queries per mailbox at 50 and 200 mailboxes. Target: the same number
    of queries per mailbox at both sizes.
 
+7. Governance at scale: containment of 100,000 mailboxes (target: under
+   1 s) and the admin's mailbox list at 100,000 mailboxes, on SQLite and on
+   PostgreSQL (:mod:`tests.benchmarks.governance`).
+
 Parts 4 to 6 are in :mod:`tests.benchmarks.lifecycle`.
 
 Not a test: nothing here asserts; it prints figures.
@@ -48,6 +52,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tests.benchmarks.governance import bench_governance
 from tests.benchmarks.lifecycle import SWEEP_MAILBOXES, bench_outbox, bench_refresh
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -334,7 +339,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--part",
-        choices=["all", "send", "vault", "rotation", "outbox", "refresh"],
+        choices=["all", "send", "vault", "rotation", "outbox", "refresh", "governance"],
         default="all",
     )
     parser.add_argument("--messages", type=int, default=2000)
@@ -345,10 +350,10 @@ def main() -> int:
     parser.add_argument("--database-url", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.part == "rotation" and args.database_url is not None:
+    if args.part in ("rotation", "governance") and args.database_url is not None:
         # A child run: one database.
         setup_django(Path(tempfile.mkdtemp(prefix="mailgov-bench-")), args.database_url or None)
-        bench_rotation(args.rows)
+        (bench_rotation if args.part == "rotation" else bench_governance)(args.rows)
         return 0
 
     if args.part in ("all", "send", "vault", "outbox", "refresh"):
@@ -363,7 +368,9 @@ def main() -> int:
     if args.part in ("all", "refresh"):
         with peers() as (authserver, _port, _tls):
             bench_refresh(authserver, args.sweep_mailboxes)
-    if args.part in ("all", "rotation"):
+    for part in ("rotation", "governance"):
+        if args.part not in ("all", part):
+            continue
         # Each database in its own process, with its own settings.
         url = postgres_url()
         runs = [("", "SQLite")] + ([(url, "PostgreSQL")] if url else [])
@@ -374,7 +381,7 @@ def main() -> int:
                     "-m",
                     "tests.benchmarks.run",
                     "--part",
-                    "rotation",
+                    part,
                     "--rows",
                     str(args.rows),
                     "--database-url",
@@ -384,7 +391,7 @@ def main() -> int:
                 check=True,
             )
         if not url:
-            print("rotation (postgresql): not run, PostgreSQL is not reachable at 127.0.0.1:5432")
+            print(f"{part} (postgresql): not run, PostgreSQL is not reachable at 127.0.0.1:5432")
     return 0
 
 

@@ -39,7 +39,15 @@ from mailgov.exceptions import (
     ProviderChangedError,
     ProviderError,
 )
-from mailgov.models import ConsentReceipt, Mailbox, OutboxAttempt, OutboxMessage, SendLog
+from mailgov.models import (
+    AdminJob,
+    ConsentReceipt,
+    Mailbox,
+    OutboxAttempt,
+    OutboxMessage,
+    RefreshEvent,
+    SendLog,
+)
 from mailgov.notifications import notify_owner
 from mailgov.outbox import expire_bodies
 from mailgov.outcomes import backoff
@@ -466,7 +474,9 @@ def purge(
     older than ``MAILGOV_RECEIPT_RETENTION_DAYS`` whose grant ended that long
     ago too: mailbox deleted, or revoked before then. Proof of consent is
     kept while the grant lives and for the full period after it ends, not
-    from the receipt's date: it is needed most for a grant's last years).
+    from the receipt's date: it is needed most for a grant's last years),
+    ``refreshes`` (refresh history) and ``jobs`` (finished governance jobs)
+    older than the send-log retention.
 
     The audit trail (django-auditlog) is not purged here: use
     ``manage.py auditlogflush --before-date YYYY-MM-DD``. ``dry_run`` counts
@@ -488,6 +498,10 @@ def purge(
         "attempts": OutboxAttempt.objects.filter(started_at__lt=logs_before),
         "outbox": OutboxMessage.objects.filter(finished, state__in=_FINAL),
         "receipts": ConsentReceipt.objects.filter(ended, created_at__lt=receipts_before),
+        "refreshes": RefreshEvent.objects.filter(at__lt=logs_before),
+        "jobs": AdminJob.objects.filter(created_at__lt=logs_before).exclude(
+            state__in=[AdminJob.State.PENDING, AdminJob.State.RUNNING]
+        ),
     }
     counts = dict.fromkeys(targets, 0)
     for name, queryset in targets.items():

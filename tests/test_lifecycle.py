@@ -666,9 +666,26 @@ def test_purge_deletes_exactly_what_is_past_retention(idle):
         receipt(ended_lately, very_old),
     ]
 
+    from mailgov.models import AdminJob, RefreshEvent
+
+    RefreshEvent.objects.create(mailbox=live, outcome="ok", at=old)
+    young_refresh = RefreshEvent.objects.create(mailbox=live, outcome="ok", at=edge)
+    AdminJob.objects.create(action="revoke", state="done", created_at=old)
+    running = AdminJob.objects.create(action="revoke", state="running", created_at=old)
+
     counts = lifecycle.purge(now=now)
 
-    assert counts == {"sendlogs": 1, "attempts": 2, "outbox": 3, "bodies": 2, "receipts": 2}
+    assert counts == {
+        "sendlogs": 1,
+        "attempts": 2,
+        "outbox": 3,
+        "bodies": 2,
+        "receipts": 2,
+        "refreshes": 1,
+        "jobs": 1,
+    }
+    assert list(RefreshEvent.objects.all()) == [young_refresh]
+    assert list(AdminJob.objects.all()) == [running]  # never a job still at work
     assert not SendLog.objects.filter(pk=old_log.pk).exists() and SendLog.objects.count() == 1
     assert set(OutboxMessage.objects.values_list("pk", flat=True)) == {
         r.pk for r in [*kept_rows, body]
@@ -709,6 +726,8 @@ def test_purge_dry_run_counts_and_deletes_nothing(idle):
         "attempts": 0,
         "outbox": 0,
         "receipts": 0,
+        "refreshes": 0,
+        "jobs": 0,
     }
     assert SendLog.objects.count() == 1
 

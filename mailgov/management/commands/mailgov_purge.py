@@ -31,6 +31,7 @@ class Command(BaseCommand):
         verb = "would delete" if dry_run else "deleted"
         self.stdout.write(
             f"{verb}: send logs: {counts['sendlogs']}, outbox attempts: {counts['attempts']}, "
-            f"finished outbox rows: {counts['outbox']}, consent receipts: {counts['receipts']}"
+            f"finished outbox rows: {counts['outbox']}, consent receipts: {counts['receipts']}, "
+            f"refresh history: {counts['refreshes']}, governance jobs: {counts['jobs']}"
             + ("" if dry_run else f"; bodies of failed mail expired: {counts['bodies']}")
         )

@@ -513,7 +513,10 @@ def render_notice(
             "mailboxes": addresses,
             "incident": {"title": incident.title, "declared_at": incident.declared_at},
             "link": link,
-        }
+        },
+        # Plain text: a Context escapes for HTML unless told not to (the
+        # engine's autoescape=False applies only to contexts it makes itself).
+        autoescape=False,
     )
     subject = _ENGINE.from_string(incident.notice_subject or str(DEFAULT_NOTICE_SUBJECT))
     body = _ENGINE.from_string(incident.notice_body or str(DEFAULT_NOTICE_BODY))

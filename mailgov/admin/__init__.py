@@ -6,4 +6,5 @@ without replacing its index or its site. See the README's "Governance
 portal" section.
 """
 
-from mailgov.admin import inventory  # noqa: F401  (registers the model admins)
+# Importing each module registers its model admins.
+from mailgov.admin import dashboard, incidents, inventory  # noqa: F401

@@ -57,16 +57,23 @@ class GovernanceAdmin(admin.ModelAdmin):
     change_list_template = "admin/mailgov/change_list.html"
 
     # -- refusals ----------------------------------------------------------------
-    def response_action(self, request: HttpRequest, queryset: Any) -> HttpResponse | None:
+    def refuse_hidden_action(self, request: HttpRequest) -> None:
         name = request.POST.get("action", "")
         known = {action_name for _func, action_name, _desc in self._get_base_actions()}
         if name in known and name not in self.get_actions(request):
             raise deny(request, f"run the admin action {name!r}", self.model)
+
+    def response_action(self, request: HttpRequest, queryset: Any) -> HttpResponse | None:
+        self.refuse_hidden_action(request)
         return super().response_action(request, queryset)
 
     def changelist_view(self, request: HttpRequest, extra_context: dict | None = None):
         if not self.has_view_or_change_permission(request):
             raise deny(request, "view the list", self.model)
+        if request.method == "POST" and "action" in request.POST:
+            # Django never calls response_action() for a user left with no
+            # action at all: a forged one would get a 200 "nothing happened".
+            self.refuse_hidden_action(request)
         extra_context = {**(extra_context or {}), "can_export": self.can_export(request)}
         return super().changelist_view(request, extra_context)
 

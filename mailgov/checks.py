@@ -5,8 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.apps import apps
 from django.core import checks
 from django.db import DatabaseError, connections, router
+from django.template import TemplateDoesNotExist, TemplateSyntaxError
+from django.template.loader import get_template
+from django.template.loader_tags import BlockNode, ExtendsNode
 
 from mailgov.conf import mailgov_settings
 from mailgov.crypto import configured_key_entries, parse_key_entries
@@ -36,6 +40,8 @@ PROVIDER_QUOTA = "mailgov.E015"
 NUMBER_NOT_POSITIVE = "mailgov.E020"
 OUTBOX_POLICY = "mailgov.E021"
 DORMANT_WARNING_TOO_LONG = "mailgov.E022"
+BASE_TEMPLATE_MISSING = "mailgov.E023"
+BASE_TEMPLATE_BLOCKS = "mailgov.E024"
 SQLITE_NOT_IMMEDIATE = "mailgov.W001"
 
 #: Settings that must be positive numbers (a None timeout would mean "wait forever").
@@ -248,3 +254,87 @@ def check_provider_bindings(app_configs: Any = None, **kwargs: Any) -> list[chec
             )
         )
     return messages
+
+
+#: The blocks mailgov's pages fill in the host's base template.
+BASE_TEMPLATE_NEEDS = ("title", "content")
+
+
+@checks.register(checks.Tags.templates)
+def check_base_template(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``MAILGOV_BASE_TEMPLATE`` exists, and defines the blocks the consent and
+    mailbox pages fill ("title", "content"): a missing template is a 500 on
+    every consent page, a missing block an empty page. Only where those pages
+    are installed (``mailgov.contrib.allauth``)."""
+    if not apps.is_installed("mailgov.contrib.allauth"):
+        return []
+    name = mailgov_settings.BASE_TEMPLATE
+    hint = (
+        "Name a template of your site (e.g. 'base.html') that defines the blocks "
+        f"{' and '.join(map(repr, BASE_TEMPLATE_NEEDS))} and shows Django's messages, or "
+        "leave MAILGOV_BASE_TEMPLATE unset for mailgov's own 'mailgov/base.html'."
+    )
+    if not isinstance(name, str) or not name:
+        return [
+            checks.Error(
+                f"MAILGOV_BASE_TEMPLATE must be a template name, not {name!r}.",
+                hint=hint,
+                id=BASE_TEMPLATE_MISSING,
+            )
+        ]
+    try:
+        template = get_template(name)
+    except TemplateDoesNotExist:
+        return [
+            checks.Error(
+                f"MAILGOV_BASE_TEMPLATE {name!r} does not exist: the consent and mailbox "
+                "pages extend it.",
+                hint=hint,
+                id=BASE_TEMPLATE_MISSING,
+            )
+        ]
+    except TemplateSyntaxError as exc:
+        return [
+            checks.Error(
+                f"MAILGOV_BASE_TEMPLATE {name!r} does not compile: {exc}",
+                hint=hint,
+                id=BASE_TEMPLATE_MISSING,
+            )
+        ]
+    blocks = _block_names(getattr(template, "template", None))
+    missing = [block for block in BASE_TEMPLATE_NEEDS if blocks is not None and block not in blocks]
+    if missing:
+        return [
+            checks.Error(
+                f"MAILGOV_BASE_TEMPLATE {name!r} (with the templates it extends) has no block "
+                f"{', '.join(map(repr, missing))}: mailgov's pages would render without it.",
+                hint=hint,
+                id=BASE_TEMPLATE_BLOCKS,
+            )
+        ]
+    return []
+
+
+def _block_names(template: Any) -> set[str] | None:
+    """The names of the blocks of a Django template and of those it extends;
+    ``None`` where that cannot be known without rendering (another template
+    engine, or ``{% extends some_variable %}``)."""
+    names: set[str] = set()
+    seen: set[str] = set()
+    while template is not None:
+        nodelist = getattr(template, "nodelist", None)
+        if nodelist is None:
+            return None
+        names.update(node.name for node in nodelist.get_nodes_by_type(BlockNode))
+        extends = nodelist.get_nodes_by_type(ExtendsNode)
+        if not extends:
+            return names
+        parent = extends[0].parent_name
+        if parent.filters or not isinstance(parent.var, str) or parent.var in seen:
+            return None
+        seen.add(parent.var)
+        try:
+            template = get_template(parent.var).template
+        except (TemplateDoesNotExist, TemplateSyntaxError, AttributeError):
+            return None
+    return names

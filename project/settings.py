@@ -273,3 +273,6 @@ for _provider_id, _allauth_id in (("google", "google"), ("microsoft", "microsoft
 # mail from connected mailboxes, and there is no system mailbox.
 MAILGOV_NOTIFICATION_BACKEND = "django.core.mail.backends.console.EmailBackend"
 MAILGOV_SECURITY_CONTACT = "security@example.test"
+# The consent and mailbox pages extend the demo's own base template
+# (templates/base.html): its header, navigation and sign-out.
+MAILGOV_BASE_TEMPLATE = "base.html"

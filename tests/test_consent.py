@@ -623,3 +623,59 @@ def test_login_routes_that_are_not_mailgovs_are_error_e032(settings):
         assert "mailgov.E032" in [m.id for m in run_checks()]
     finally:
         clear_url_caches()
+
+
+# -- the host's base template (MAILGOV_BASE_TEMPLATE) ----------------------------------
+
+
+MAILGOV_PAGES = ["/mailboxes/", CONSENT, "/mailboxes/protection/"]
+
+
+@pytest.mark.parametrize("path", MAILGOV_PAGES)
+def test_pages_carry_the_hosts_header_and_sign_out(client, alice, path):
+    # The demo names its own base template (templates/base.html).
+    page = client.get(path).content.decode()
+    assert '<a class="brand" href="/">mailgov demo</a>' in page
+    assert 'action="/accounts/logout/"' in page and ">Sign out</button>" in page
+    assert '<html lang="en">' in page and '<main id="content">' in page
+    # mailgov's stylesheet comes with the page, for its own part only.
+    assert 'href="/static/mailgov/mailgov.css"' in page
+    assert '<div class="mailgov mg-page">' in page
+    assert 'class="mg-header"' not in page
+    with override_settings(MAILGOV_BASE_TEMPLATE="mailgov/base.html"):
+        page = client.get(path).content.decode()
+    assert 'class="mg-header"' in page and "mailgov demo" not in page
+    assert page.count('href="/static/mailgov/mailgov.css"') == 1
+
+
+def test_the_mailbox_page_has_a_title_of_its_own(client, alice):
+    page = client.get("/mailboxes/").content.decode()
+    assert "<title>Your mailboxes</title>" in page
+
+
+def test_error_pages_use_the_hosts_base_too(client, alice):
+    assert "mailgov demo" in client.get("/mailboxes/not-connected/").content.decode()
+
+
+def test_allauths_sign_in_page_uses_the_demo_layout(client):
+    page = client.get("/accounts/login/").content.decode()
+    assert '<html lang="en">' in page and '<main id="content">' in page
+    assert '<a class="brand" href="/">mailgov demo</a>' in page
+    assert "Sign In" in page and "<title>" in page
+
+
+def test_base_template_check():
+    ids = [m.id for m in run_checks()]
+    assert not {"mailgov.E023", "mailgov.E024"} & set(ids)
+    with override_settings(MAILGOV_BASE_TEMPLATE="no/such/base.html"):
+        [error] = [m for m in run_checks() if m.id.startswith("mailgov.E02")]
+    assert error.id == "mailgov.E023" and "'no/such/base.html' does not exist" in error.msg
+    with override_settings(MAILGOV_BASE_TEMPLATE=None):
+        assert "mailgov.E023" in [m.id for m in run_checks()]
+    # A template without the blocks: its pages would render empty.
+    with override_settings(MAILGOV_BASE_TEMPLATE="mailgov/alerts.html"):
+        [error] = [m for m in run_checks() if m.id == "mailgov.E024"]
+    assert "'title', 'content'" in error.msg
+    # Blocks defined further up the chain count (demo/home.html extends base.html).
+    with override_settings(MAILGOV_BASE_TEMPLATE="demo/home.html"):
+        assert "mailgov.E024" not in [m.id for m in run_checks()]

@@ -8,21 +8,42 @@ with everything in a temporary ``var`` folder.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import requests
+from django.core.mail import send_mail
+from django.core.management import call_command
+from django.utils import timezone
 
+from mailgov import outbox
+from mailgov.lifecycle import refresh_expiring, revoke_dormant
+from mailgov.models import (
+    ConsentReceipt,
+    Incident,
+    Mailbox,
+    MailboxCredentials,
+    OutboxAttempt,
+    OutboxMessage,
+    RefreshEvent,
+    SendLog,
+)
+from mailgov.revocation import retry_revocations
 from mailgov.testing.peers import free_port
+from tests.conftest import secrets_of
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT_NAMES = ("site", "auth", "smtp")
@@ -222,6 +243,7 @@ def test_make_demo_runs_from_nothing(start_demo, demo_ports, tmp_path):
         while "A queued test message" not in session.get(site + "/demo/inbox/", timeout=10).text:
             assert time.monotonic() < deadline, demo.output[-3000:]
             time.sleep(0.5)
+        check_the_portal(site, tmp_path / "var" / "db.sqlite3", demo.output)
     finally:
         # Ctrl-C, as a terminal sends it: to the whole foreground process group.
         demo.signal_group(signal.SIGINT)
@@ -233,6 +255,80 @@ def test_make_demo_runs_from_nothing(start_demo, demo_ports, tmp_path):
     # Nothing secret in what the demo printed beyond the documented demo passwords.
     keys = (tmp_path / "var" / "mailgov-keys.txt").read_text().split(":", 1)[1].strip()
     assert keys not in demo.output
+
+
+def staff_session(site: str, username: str, password: str) -> requests.Session:
+    """A session signed in to the demo's admin as ``username``."""
+    session = requests.Session()
+    login = session.get(site + "/admin/login/", timeout=10)
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', login.text).group(1)
+    answer = session.post(
+        site + "/admin/login/?next=/admin/",
+        data={"csrfmiddlewaretoken": token, "username": username, "password": password},
+        headers={"Referer": site + "/admin/login/"},
+        timeout=10,
+    )
+    assert answer.url.endswith("/admin/"), f"{username} could not sign in"
+    return session
+
+
+def check_the_portal(site: str, database: Path, output: str) -> None:
+    """The seeded estate in the admin; the auditor looks and exports but changes nothing."""
+    assert "Seeded the demo estate: 300 mailboxes" in output
+    for username, password in (
+        ("admin", "admin-demo-password"),
+        ("officer", "officer-demo-password"),
+        ("auditor", "auditor-demo-password"),
+    ):
+        assert f"{username} / {password}" in output
+    admin = staff_session(site, "admin", "admin-demo-password")
+    index = admin.get(site + "/admin/", timeout=10)
+    assert "Mail governance" in index.text and "Django administration" not in index.text
+    dashboard = admin.get(site + "/admin/mailgov/governance/", timeout=30)
+    assert dashboard.status_code == 200
+    # The seeded estate and alice's mailbox, in the dashboard's count.
+    shown = re.search(r"Mailboxes \((\d+)\)", dashboard.text)
+    assert shown and int(shown.group(1)) == 301, re.findall(
+        r".{0,80}Mailboxes.{0,80}", dashboard.text
+    )
+    listing = admin.get(site + "/admin/mailgov/mailbox/?q=corp.example.test", timeout=30)
+    assert listing.status_code == 200 and "@corp.example.test" in listing.text
+
+    auditor = staff_session(site, "auditor", "auditor-demo-password")
+    listing = auditor.get(site + "/admin/mailgov/mailbox/", timeout=30)
+    assert listing.status_code == 200 and "@corp.example.test" in listing.text
+    export = auditor.get(site + "/admin/mailgov/mailbox/export.csv", timeout=30)
+    assert export.status_code == 200
+    assert export.headers["Content-Type"].startswith("text/csv")
+    assert export.text.count("@corp.example.test") >= 300
+    db = sqlite3.connect(database, timeout=30)
+    try:
+        [mailbox_id] = db.execute(
+            "SELECT id FROM mailgov_mailbox WHERE status = 'active' AND address LIKE '%@corp%'"
+        ).fetchone()
+    finally:
+        db.close()
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', listing.text).group(1)
+    refused = auditor.post(
+        site + "/admin/mailgov/mailbox/",
+        data={
+            "csrfmiddlewaretoken": token,
+            "action": "revoke",
+            "_selected_action": [mailbox_id],
+            "index": "0",
+        },
+        headers={"Referer": site + "/admin/mailgov/mailbox/"},
+        timeout=30,
+    )
+    assert refused.status_code == 403
+    db = sqlite3.connect(database, timeout=30)
+    try:
+        [status] = db.execute(
+            "SELECT status FROM mailgov_mailbox WHERE id = ?", [mailbox_id]
+        ).fetchone()
+    finally:
+        db.close()
+    assert status == "active"
 
 
 # What the demo prints just before each slow step of its start: a stop there
@@ -299,3 +395,100 @@ def test_a_taken_port_is_named_and_nothing_starts(start_demo, demo_ports, tmp_pa
         assert not (tmp_path / "var").exists(), output
         assert not demo.leftover_processes()
         assert all(port_free(other) for name, other in demo_ports.items() if name != taken)
+
+
+# -- the seeded estate and the portal's accounts (demo_seed), without the whole demo -------
+
+
+@pytest.fixture
+def seed(settings, authserver, demo_provider):
+    """Run ``demo_seed`` against the session's authorization server; return its output."""
+    settings.AUTHSERVER_URL = authserver.url
+
+    def run(mailboxes: int = 40) -> str:
+        out = io.StringIO()
+        call_command(
+            "demo_seed",
+            "--mailboxes",
+            str(mailboxes),
+            "--authserver-dir",
+            str(authserver.data_dir),
+            stdout=out,
+        )
+        return out.getvalue()
+
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.django_db
+def test_demo_seed_gives_the_portal_data_once(seed, django_user_model):
+    out = seed()
+    assert "Seeded the demo estate: 40 mailboxes of corp.example.test" in out
+    estate = Mailbox.objects.filter(address__endswith="@corp.example.test")
+    by_status = dict(Counter(estate.values_list("status", flat=True)))
+    assert by_status == {"active": 34, "revoked": 3, "needs_reconsent": 2, "suspended": 1}
+    assert len({mailbox.owner_id for mailbox in estate}) == 10
+    assert estate.filter(refresh_failing_days__gte=3).count() == 1
+    assert estate.filter(dormant_warned_at__isnull=False).count() == 1
+    # Thirty days of history, with failures; receipts; refreshes; the outbox
+    # in every state but queued; a past incident on its timeline.
+    logs = SendLog.objects.filter(mailbox__in=estate)
+    assert logs.filter(status="failed").exists() and logs.filter(status="sent").count() > 300
+    assert logs.earliest("attempted_at").attempted_at > timezone.now() - timedelta(days=31)
+    assert ConsentReceipt.objects.filter(mailbox__in=estate).count() >= 40
+    assert RefreshEvent.objects.filter(mailbox__in=estate, outcome="unavailable").exists()
+    states = set(OutboxMessage.objects.values_list("state", flat=True))
+    assert {"sent", "failed", "held"} <= states and "queued" not in states
+    assert OutboxAttempt.objects.exists()
+    incident = Incident.objects.get()
+    assert incident.state == "resolved" and incident.timeline.count() == 5
+    # Only mailboxes that can hold tokens hold them; none left for the others.
+    assert not MailboxCredentials.objects.filter(
+        mailbox__status__in=["revoked", "needs_reconsent"]
+    ).exists()
+    for mailbox in estate.filter(status__in=["active", "suspended"]):
+        assert secrets_of(mailbox)[1]  # a refresh token
+        assert not set(secrets_of(mailbox)) & set(out.split())
+
+    # The portal's accounts, in the groups of mailgov's migration.
+    auditor = django_user_model.objects.get(username="auditor")
+    officer = django_user_model.objects.get(username="officer")
+    admin = django_user_model.objects.get(username="admin")
+    assert [g.name for g in auditor.groups.all()] == ["Mail auditors"]
+    assert [g.name for g in officer.groups.all()] == ["Mail security officers"]
+    assert auditor.is_staff and officer.is_staff and not officer.is_superuser
+    assert admin.is_superuser
+    assert auditor.check_password("auditor-demo-password")
+    assert auditor.has_perm("mailgov.export_data")
+    assert not auditor.has_perm("mailgov.govern_mailbox")
+
+    # Once: a second run changes nothing.
+    assert "already seeded" in seed()
+    assert estate.count() == 40 and Incident.objects.count() == 1
+
+
+@pytest.mark.slow
+@pytest.mark.django_db
+def test_the_demos_sweeps_leave_the_seeded_estate_alone(seed, smtp, settings):
+    seed()
+    estate = Mailbox.objects.filter(address__endswith="@corp.example.test")
+    before = dict(estate.values_list("pk", "status"))
+    warned = dict(estate.values_list("pk", "dormant_warned_at"))
+    # What beat runs, once each, now.
+    assert refresh_expiring(concurrency=1)["revoked"] == 0
+    assert revoke_dormant() == {"revoked": 0, "warned": 0, "skipped": 0, "failed": 0}
+    assert retry_revocations(due_only=True)["revoked"] == 0
+    outbox.dispatch(publish_fn=lambda *args, **kwargs: 0)
+    assert dict(estate.values_list("pk", "status")) == before
+    assert dict(estate.values_list("pk", "dormant_warned_at")) == warned
+    assert not OutboxMessage.objects.filter(state="queued").exists()
+
+    # Their grants are real: a due refresh is a refresh at the authorization
+    # server, and a send goes through the demo SMTP server as the address.
+    settings.EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
+    mailbox = estate.filter(status="active", refresh_failures=0).first()
+    MailboxCredentials.objects.filter(pk=mailbox.pk).update(expires_at=timezone.now())
+    assert refresh_expiring(concurrency=1)["refreshed"] == 1
+    send_mail("Hello", "From the seeded estate.", mailbox.address, ["z@example.test"])
+    assert [m.mail_from for m in smtp.messages] == [mailbox.address]

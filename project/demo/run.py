@@ -67,7 +67,7 @@ from mailgov.testing.peers import (  # noqa: E402
     start_smtpserver_process,
     stop_process_group,
 )
-from project.demo.users import DEMO_USERS  # noqa: E402
+from project.demo.users import DEMO_USERS, STAFF_USERS, staff_password  # noqa: E402
 from project.localsecrets import secret_from_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -285,7 +285,9 @@ def _run(commands: list[subprocess.Popen[bytes]]) -> int:
 
     _say("Preparing the demo site ...")
     manage("migrate", "--no-input", "-v0", env=env, commands=commands)
-    manage("demo_seed", env=env, commands=commands)
+    # Accounts, and (the first time) a few hundred mailboxes with a history
+    # for the governance portal, their grants minted by the authorization server.
+    manage("demo_seed", "--authserver-dir", str(authserver.data_dir), env=env, commands=commands)
     site = ServerProcess(
         [sys.executable, "manage.py", "runserver", f"{HOST}:{SITE_PORT}", "--noreload"],
         env=env,
@@ -322,19 +324,26 @@ def _run(commands: list[subprocess.Popen[bytes]]) -> int:
     # send one message, so the inbox shows the whole path from the start.
     manage("demo_connect", "alice", "--send-test", env=env, commands=commands)
 
+    # The portal's accounts, one of each kind (passwords: project/demo/users.py).
+    roles = {"admin": "superuser", "officer": "security officer", "auditor": "auditor"}
+    staff = "\n".join(
+        f"    {name} / {staff_password(name)}    ({roles.get(name, STAFF_USERS[name][3])})"
+        for name in STAFF_USERS
+    )
     _say(
         f"""
 mailgov demo is running. Stop everything with Ctrl-C.
 
   Site                    http://{HOST}:{SITE_PORT}/
   Demo inbox              http://{HOST}:{SITE_PORT}/demo/inbox/
-  Admin                   http://{HOST}:{SITE_PORT}/admin/
+  Mail governance (admin) http://{HOST}:{SITE_PORT}/admin/
   Authorization server    {authserver.url}/
   SMTP server             {HOST}:{SMTP_PORT} (STARTTLS, CA in {tls.ca_cert})
 
   Site and authorization server users:
     alice / {DEMO_USERS["alice"][1]}    bob / {DEMO_USERS["bob"][1]}
-  Site administrator:     admin / admin-demo-password
+  Mail governance users (a few hundred seeded mailboxes to look at):
+{staff}
 
   Background work:        a Celery worker and beat, broker in {VAR}/broker (files)
   Connect bob's mailbox:  .venv/bin/python manage.py demo_connect bob --send-test

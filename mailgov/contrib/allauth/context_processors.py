@@ -1,11 +1,15 @@
 """``mailgov_alerts``: the signed-in user's mailboxes that need their attention
-(for a banner on every page); evaluated only when a template uses it."""
+(for a banner on every page); evaluated only when a template uses it.
+``mailgov_base_template``: the template mailgov's pages extend
+(``MAILGOV_BASE_TEMPLATE``), for a host template that renders one of them
+or includes it."""
 
 from __future__ import annotations
 
 from django.http import HttpRequest
 from django.utils.functional import SimpleLazyObject
 
+from mailgov.conf import mailgov_settings
 from mailgov.models import Mailbox
 
 
@@ -21,4 +25,7 @@ def mailbox_alerts(request: HttpRequest) -> dict:
             ).only("id", "address", "provider", "revocation_reason", "status")
         )
 
-    return {"mailgov_alerts": SimpleLazyObject(alerts)}
+    return {
+        "mailgov_alerts": SimpleLazyObject(alerts),
+        "mailgov_base_template": mailgov_settings.BASE_TEMPLATE,
+    }

@@ -33,6 +33,15 @@ from mailgov.services import revoke_mailbox
 security_logger = logging.getLogger("mailgov.security")
 
 
+def render_page(
+    request: HttpRequest, template: str, context: dict | None = None, status: int | None = None
+) -> HttpResponse:
+    """Render one of mailgov's pages inside the host's base template
+    (``MAILGOV_BASE_TEMPLATE``, which the page extends)."""
+    context = {**(context or {}), "mailgov_base_template": mailgov_settings.BASE_TEMPLATE}
+    return render(request, template, context, status=status)
+
+
 def held_capabilities(mailbox: Mailbox, provider) -> list:
     """What an active mailbox may do; nothing for any other status, nor for a
     mailbox whose provider id is now configured as another provider."""
@@ -91,7 +100,7 @@ def mailboxes(request: HttpRequest) -> HttpResponse:
             }
         )
     receipts = ConsentReceipt.objects.filter(user=request.user)[:50]
-    return render(
+    return render_page(
         request,
         "mailgov/mailboxes.html",
         {
@@ -128,7 +137,7 @@ def consent(request: HttpRequest, capability_id: str, provider_id: str) -> HttpR
             return redirect(request.path)
         return _start(request, capability, provider_id)
     scopes = capability.scopes_for(provider)
-    return render(
+    return render_page(
         request,
         "mailgov/consent.html",
         {
@@ -236,7 +245,7 @@ def keep(request: HttpRequest, pk) -> HttpResponse:
 
 def protection(request: HttpRequest) -> HttpResponse:
     """How we protect your mailbox access (public)."""
-    return render(
+    return render_page(
         request,
         "mailgov/protection.html",
         {"security_contact": mailgov_settings.SECURITY_CONTACT},
@@ -252,7 +261,7 @@ def ratelimited(request: HttpRequest, exception: Exception) -> HttpResponse:
     security_logger.warning(
         "rate limit hit on %r (user %s)", request.path[:200], getattr(request.user, "pk", None)
     )
-    response = render(request, "mailgov/ratelimited.html", status=429)
+    response = render_page(request, "mailgov/ratelimited.html", status=429)
     response["Retry-After"] = "60"
     return make_private(response)
 
@@ -263,4 +272,4 @@ def consent_error(request: HttpRequest) -> HttpResponse:
     message = request.session.pop(ERROR_SESSION_KEY, None) or _(
         "This consent could not be completed. Nothing was stored."
     )
-    return render(request, "mailgov/consent_error.html", {"message": message}, status=400)
+    return render_page(request, "mailgov/consent_error.html", {"message": message}, status=400)

@@ -7,4 +7,4 @@ portal" section.
 """
 
 # Importing each module registers its model admins.
-from mailgov.admin import dashboard, incidents, inventory  # noqa: F401
+from mailgov.admin import audit, dashboard, incidents, inventory, jobs, outbox  # noqa: F401

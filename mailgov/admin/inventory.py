@@ -1,149 +1,544 @@
-"""The admin for mailboxes and the send log. It never shows a token.
+"""The inventory of grants: mailboxes, their consent receipts, refresh
+history and the grants of deleted mailboxes still to revoke.
 
-Status changes go through the services (revocation wipes and revokes tokens,
-writes the audit trail); the status is therefore read-only here, and the one
-action is "Revoke", which needs the ``mailgov.change_mailbox`` permission.
+No page here holds a token or a ciphertext: the mailbox list reads the
+token's expiry through an annotation (``credentials__expires_at``) and never
+loads the credentials row, whose columns are encrypted; pending revocations
+are listed without their refresh token (not even deferred-loaded).
+
+A mailbox changes through the governance actions (:mod:`mailgov.governance`:
+revoke, suspend, resume, require re-consent, release or cancel held mail),
+never through a form. Its Delete button is replaced by Revoke: deleting a
+row would drop its tokens, and a grant must end at the provider first. A
+user's deletion (which cascades to the user's mailboxes) still works: the
+``pre_delete`` receiver keeps each refresh token for its revocation
+(:func:`mailgov.revocation.keep_for_revocation`).
 """
 
 from __future__ import annotations
 
-import logging
+from datetime import timedelta
+from typing import Any
 
-from django.contrib import admin, messages
+from auditlog.models import LogEntry
+from django.contrib import admin
+from django.contrib.admin.utils import display_for_value, quote, unquote
+from django.contrib.contenttypes.models import ContentType
+from django.db.models import Count, Exists, F, IntegerField, OuterRef, Q, Subquery, Value
+from django.db.models.functions import Coalesce, TruncDate
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
-from django.utils.translation import ngettext
 
-from mailgov.exceptions import MailgovConfigurationError
-from mailgov.models import Mailbox, OutboxAttempt, OutboxMessage, SendLog
-from mailgov.services import revoke_mailbox
+from mailgov.admin.common import deny
+from mailgov.admin.jobs import GovernanceActions, ReadOnlyAdmin, governance_action
+from mailgov.capabilities import CAPABILITIES
+from mailgov.conf import mailgov_settings
+from mailgov.governance import allowed, start
+from mailgov.incidents import scope_q
+from mailgov.lifecycle import activity
+from mailgov.models import (
+    AdminJob,
+    ConsentReceipt,
+    Incident,
+    Mailbox,
+    MailboxCredentials,
+    OutboxMessage,
+    PendingRevocation,
+    RefreshEvent,
+    SendLog,
+)
 
-security_logger = logging.getLogger("mailgov.security")
+__all__ = [
+    "ConsentReceiptAdmin",
+    "MailboxAdmin",
+    "PendingRevocationAdmin",
+    "RefreshEventAdmin",
+]
+
+#: Rows of each history shown on a mailbox's page (the full lists are a
+#: filtered changelist away).
+DETAIL_ROWS = 20
+
+#: Days of send statistics on a mailbox's page.
+STATS_DAYS = 30
+
+
+def held_messages() -> Any:
+    return OutboxMessage.objects.filter(mailbox=OuterRef("pk"), state=OutboxMessage.State.HELD)
+
+
+# -- filters --------------------------------------------------------------------------------
+
+
+class StatusFilter(admin.SimpleListFilter):
+    """The status, and two states that are not statuses: refreshing has
+    failed for ``MAILGOV_REFRESH_FAILING_DAYS`` days or more, and held mail."""
+
+    title = _("status")
+    parameter_name = "status"
+    REFRESH_FAILING = "refresh_failing"
+    HELD = "held"
+
+    def lookups(self, request, model_admin):
+        return [
+            *Mailbox.Status.choices,
+            (self.REFRESH_FAILING, _("Refresh failing")),
+            (self.HELD, _("Has held mail")),
+        ]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if value in Mailbox.Status.values:
+            return queryset.filter(status=value)
+        if value == self.REFRESH_FAILING:
+            return queryset.filter(refresh_failing_days__gte=mailgov_settings.REFRESH_FAILING_DAYS)
+        if value == self.HELD:
+            return queryset.filter(Exists(held_messages()))
+        return queryset
+
+
+class CapabilityFilter(admin.SimpleListFilter):
+    """Mailboxes granted a capability's required scopes (of their provider,
+    as configured now), as an incident of that scope covers them."""
+
+    title = _("capability")
+    parameter_name = "capability"
+
+    def lookups(self, request, model_admin):
+        return [(capability.id, capability.name) for capability in CAPABILITIES.values()]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if value not in CAPABILITIES:
+            return queryset
+        return queryset.filter(
+            scope_q(Incident(scope=Incident.Scope.CAPABILITY, scope_value=value))
+        )
+
+
+class DormancyFilter(admin.SimpleListFilter):
+    """Grants the dormancy sweep warns about (or revokes) next: no activity
+    for ``MAILGOV_DORMANT_DAYS - MAILGOV_DORMANT_WARNING_DAYS`` days
+    (:func:`mailgov.lifecycle.activity`: used, connected or kept)."""
+
+    title = _("dormancy")
+    parameter_name = "dormant"
+
+    def lookups(self, request, model_admin):
+        return [("soon", _("Dormant soon or now"))]
+
+    def queryset(self, request, queryset):
+        if self.value() != "soon":
+            return queryset
+        warn_after = mailgov_settings.DORMANT_DAYS - mailgov_settings.DORMANT_WARNING_DAYS
+        return (
+            queryset.exclude(status=Mailbox.Status.REVOKED)
+            .annotate(activity=activity())
+            .filter(activity__lt=timezone.now() - timedelta(days=warn_after))
+        )
+
+
+class TokenExpiryFilter(admin.SimpleListFilter):
+    """The access token's expiry (read in clear from the credentials row)."""
+
+    title = _("access token")
+    parameter_name = "token"
+
+    def lookups(self, request, model_admin):
+        return [("24h", _("Expiring within 24 hours")), ("expired", _("Expired"))]
+
+    def queryset(self, request, queryset):
+        now = timezone.now()
+        if self.value() == "24h":
+            return queryset.filter(
+                token_expires__gte=now, token_expires__lt=now + timedelta(days=1)
+            )
+        if self.value() == "expired":
+            return queryset.filter(token_expires__lt=now)
+        return queryset
+
+
+# -- mailboxes ------------------------------------------------------------------------------
 
 
 @admin.register(Mailbox)
-class MailboxAdmin(admin.ModelAdmin):
+class MailboxAdmin(GovernanceActions, ReadOnlyAdmin):
     list_display = (
         "address",
+        "owner_name",
         "provider",
-        "owner",
         "status",
         "refresh_failing_flag",
+        "held_count",
+        "token_expires",
         "last_used_at",
         "connected_at",
     )
-    list_filter = ("status", "provider")
+    list_filter = (
+        StatusFilter,
+        "provider",
+        CapabilityFilter,
+        DormancyFilter,
+        TokenExpiryFilter,
+        ("last_used_at", admin.DateFieldListFilter),
+    )
+    list_select_related = ("owner",)
     search_fields = ("address", "owner__username", "owner__email")
-    # Every field: a mailbox changes through the services (consent,
-    # revocation, the lifecycle sweeps), never through a form; the lifecycle
-    # state (refresh failing days, pause, dormancy, pending revocation) is
-    # shown, not edited.
-    readonly_fields = [field.name for field in Mailbox._meta.fields]
-    actions = ["revoke"]
+    ordering = ("address",)
+    change_form_template = "admin/mailgov/mailbox/change_form.html"
+    fieldsets = [
+        (
+            _("Grant"),
+            {
+                "fields": [
+                    "address",
+                    "owner",
+                    "provider",
+                    "provider_binding",
+                    "status",
+                    "scopes",
+                    "connected_at",
+                    "last_used_at",
+                    "last_refreshed_at",
+                    "token_expires",
+                    "held_count",
+                ]
+            },
+        ),
+        (
+            _("Refreshing"),
+            {
+                "fields": [
+                    "refresh_failing_days",
+                    "refresh_failed_on",
+                    "refresh_failures",
+                    "refresh_retry_at",
+                    "refresh_failing_notified",
+                ]
+            },
+        ),
+        (
+            _("Dormancy and pauses"),
+            {
+                "fields": [
+                    "kept_at",
+                    "dormant_warned_at",
+                    "sending_paused_until",
+                    "sending_paused_reason",
+                ]
+            },
+        ),
+        (
+            _("Revocation"),
+            {
+                "fields": [
+                    "revoked_at",
+                    "revocation_reason",
+                    "revocation_attempts",
+                    "revocation_retry_at",
+                    "revocation_given_up_at",
+                ]
+            },
+        ),
+    ]
+    # Every field: a mailbox changes through the governance actions, never a form.
+    readonly_fields = [
+        *(field.name for field in Mailbox._meta.fields),
+        "token_expires",
+        "held_count",
+    ]
+    actions = [
+        governance_action("revoke"),
+        governance_action("suspend"),
+        governance_action("resume"),
+        governance_action("require_reconsent"),
+        governance_action("release_held"),
+        governance_action("cancel_held"),
+        "export_csv",
+    ]
+    csv_columns = [
+        ("address", "address"),
+        ("owner", "owner__username"),
+        ("owner email", "owner__email"),
+        ("provider", "provider"),
+        ("status", "status"),
+        ("scopes", lambda obj: " ".join(obj.scopes or [])),
+        ("refresh failing days", "refresh_failing_days"),
+        ("held messages", "held_count"),
+        ("access token expires", "token_expires"),
+        ("last used", "last_used_at"),
+        ("connected", "connected_at"),
+        ("revoked", "revoked_at"),
+        ("revocation reason", "revocation_reason"),
+    ]
 
-    def has_add_permission(self, request) -> bool:
-        # A mailbox is connected by its owner's consent, never typed in.
-        return False
+    def get_queryset(self, request: HttpRequest):
+        # The expiry through the credentials row's clear column: one LEFT
+        # JOIN, never the encrypted columns (no select_related("credentials")).
+        held = Subquery(
+            held_messages()
+            .order_by()
+            .values("mailbox")
+            .annotate(count=Count("pk"))
+            .values("count")[:1],
+            output_field=IntegerField(),
+        )
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("owner")
+            .annotate(
+                token_expires=F("credentials__expires_at"), held_count=Coalesce(held, Value(0))
+            )
+        )
 
-    @admin.display(description=_("refresh failing"), boolean=True)
+    # -- columns ----------------------------------------------------------------------
+    @admin.display(description=_("owner"), ordering="owner__username")
+    def owner_name(self, obj: Mailbox) -> str:
+        return obj.owner.get_username()
+
+    @admin.display(description=_("refresh failing"), boolean=True, ordering="refresh_failing_days")
     def refresh_failing_flag(self, obj: Mailbox) -> bool:
         return obj.refresh_failing
 
-    @admin.action(description=_("Revoke the selected mailboxes' grants"), permissions=["change"])
-    def revoke(self, request, queryset):
-        results = {True: 0, False: 0, None: 0}
-        for mailbox in queryset.exclude(status=Mailbox.Status.REVOKED):
-            try:
-                result = revoke_mailbox(mailbox, f"admin: revoked by {request.user.pk}")
-            except MailgovConfigurationError as exc:
-                self.message_user(request, str(exc), messages.ERROR)
-                continue
-            results[result.at_provider] += 1
-        security_logger.info(
-            "admin user %s revoked %d mailboxes", request.user.pk, sum(results.values())
+    @admin.display(description=_("held"), ordering="held_count")
+    def held_count(self, obj: Mailbox) -> int:
+        return getattr(obj, "held_count", 0)
+
+    @admin.display(description=_("access token expires"), ordering="token_expires")
+    def token_expires(self, obj: Mailbox) -> str:
+        # Formatted here: a read-only field that is not a model field is
+        # shown as it is (an ISO string) on the detail page.
+        return display_for_value(
+            getattr(obj, "token_expires", None), self.get_empty_value_display()
         )
-        self.message_user(
-            request,
-            ngettext(
-                "%(count)d mailbox revoked.", "%(count)d mailboxes revoked.", sum(results.values())
-            )
-            % {"count": sum(results.values())},
+
+    # -- no delete: revoke ------------------------------------------------------------
+    def get_urls(self):
+        return [
+            path(
+                "<path:object_id>/revoke/",
+                self.admin_site.admin_view(self.revoke_view),
+                name="mailgov_mailbox_revoke",
+            ),
+            *super().get_urls(),
+        ]
+
+    def delete_view(self, request: HttpRequest, object_id: str, extra_context=None):
+        """Deleting would drop the tokens of a live grant: revoke instead."""
+        return HttpResponseRedirect(
+            reverse(f"{self.admin_site.name}:mailgov_mailbox_revoke", args=[object_id])
         )
-        if results[False]:
-            self.message_user(
-                request,
-                _(
-                    "%(count)d of them have no revocation endpoint (Microsoft 365): their tokens "
-                    "are deleted here; to end the grant at the provider, a tenant administrator "
-                    "removes the app's consent or revokes the user's sessions."
-                )
-                % {"count": results[False]},
-                messages.WARNING,
+
+    def revoke_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """Confirm (GET), then revoke one mailbox's grant (POST, CSRF)."""
+        if not allowed(request.user, "revoke"):
+            raise deny(request, "revoke a mailbox", self.model)
+        mailbox = self.get_object(request, unquote(object_id))
+        if mailbox is None:
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+        change_url = reverse(
+            f"{self.admin_site.name}:mailgov_mailbox_change", args=[quote(mailbox.pk)]
+        )
+        if request.method == "POST":
+            job = start(
+                "revoke",
+                [mailbox.pk],
+                user=request.user,
+                cid=getattr(request, "correlation_id", ""),
             )
-        if results[None]:
-            self.message_user(
-                request,
-                _(
-                    "%(count)d could not be revoked at the provider yet (unreachable); they are "
-                    "revoked here and never send."
-                )
-                % {"count": results[None]},
-                messages.WARNING,
+            self.report_job(request, job)
+            return redirect(change_url)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": _("Revoke the grant of %(mailbox)s?") % {"mailbox": mailbox.address},
+            "subtitle": None,
+            "opts": self.opts,
+            "object": mailbox,
+            "change_url": change_url,
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, "admin/mailgov/mailbox/revoke_confirmation.html", context)
+
+    # -- the detail page --------------------------------------------------------------
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None:
+            context.update(self.detail_context(request, obj))
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def detail_context(self, request: HttpRequest, mailbox: Mailbox) -> dict[str, Any]:
+        """The histories of ``mailbox``: one query each, whatever their length."""
+        since = timezone.now() - timedelta(days=STATS_DAYS)
+        stats = list(
+            SendLog.objects.filter(mailbox=mailbox, attempted_at__gte=since)
+            .annotate(day=TruncDate("attempted_at"))
+            .values("day")
+            .annotate(
+                sent=Count("pk", filter=Q(status=SendLog.Status.SENT)),
+                failed=Count("pk", filter=Q(status=SendLog.Status.FAILED)),
             )
+            .order_by("day")
+        )
+        mailbox_type = ContentType.objects.get_for_model(Mailbox)
+        summaries = [
+            ContentType.objects.get_for_model(model, for_concrete_model=False)
+            for model in (AdminJob, Incident)
+        ]
+        audit = list(
+            LogEntry.objects.filter(
+                Q(content_type=mailbox_type, object_pk=str(mailbox.pk))
+                # Set-based changes write one summary on the job or incident,
+                # naming the ids it touched.
+                | Q(content_type__in=summaries, additional_data__icontains=str(mailbox.pk))
+            )
+            .select_related("actor", "content_type")
+            .order_by("-timestamp")[: DETAIL_ROWS * 2]
+        )
+        return {
+            "can_revoke": allowed(request.user, "revoke")
+            and mailbox.status != Mailbox.Status.REVOKED,
+            "receipts": list(
+                ConsentReceipt.objects.filter(mailbox=mailbox)
+                .order_by("-created_at")
+                .values(
+                    "pk",
+                    "created_at",
+                    "action",
+                    "capability",
+                    "scopes_granted",
+                    "explanation_version",
+                )[:DETAIL_ROWS]
+            ),
+            "send_stats": stats,
+            "send_totals": {
+                "sent": sum(row["sent"] for row in stats),
+                "failed": sum(row["failed"] for row in stats),
+            },
+            "stats_days": STATS_DAYS,
+            # Never the payload (nor the recipients inside it): values() only.
+            "outbox_rows": list(
+                OutboxMessage.objects.filter(mailbox=mailbox)
+                .order_by("-created_at")
+                .values(
+                    "pk", "created_at", "kind", "state", "attempts", "error_code", "held_reason"
+                )[:DETAIL_ROWS]
+            ),
+            "refresh_events": list(
+                RefreshEvent.objects.filter(mailbox=mailbox)
+                .order_by("-at")
+                .values("at", "outcome", "error_code")[:DETAIL_ROWS]
+            ),
+            "audit_entries": audit,
+            "revocation": self.revocation_state(mailbox),
+        }
+
+    @staticmethod
+    def revocation_state(mailbox: Mailbox) -> dict[str, Any]:
+        """Where the provider-side revocation stands (no token is read:
+        ``isnull`` on the encrypted column)."""
+        held = MailboxCredentials.objects.filter(
+            pk=mailbox.pk, refresh_token__isnull=False
+        ).exists()
+        ended = mailbox.status in (Mailbox.Status.REVOKED, Mailbox.Status.NEEDS_RECONSENT)
+        if not ended or (mailbox.status == Mailbox.Status.NEEDS_RECONSENT and not held):
+            state = "none"
+        elif not held:
+            state = "done"
+        elif mailbox.revocation_given_up_at is not None:
+            state = "given_up"
+        else:
+            state = "pending"
+        return {
+            "state": state,
+            "attempts": mailbox.revocation_attempts,
+            "retry_at": mailbox.revocation_retry_at,
+            "given_up_at": mailbox.revocation_given_up_at,
+        }
 
 
-@admin.register(SendLog)
-class SendLogAdmin(admin.ModelAdmin):
-    list_display = ("attempted_at", "mailbox", "status", "recipient_count", "error_class")
-    list_filter = ("status",)
-    search_fields = ("message_id",)
-    readonly_fields = [f.name for f in SendLog._meta.fields]
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
+# -- receipts, refresh history, deleted mailboxes' grants --------------------------------------
 
 
-class OutboxAttemptInline(admin.TabularInline):
-    model = OutboxAttempt
-    fields = ("started_at", "finished_at", "outcome", "reply_code", "error_code", "worker")
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
-    ordering = ("started_at",)
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-
-@admin.register(OutboxMessage)
-class OutboxMessageAdmin(admin.ModelAdmin):
-    """The outbox: states, attempts, reasons. Never the body (encrypted, and
-    not a field of any form here) nor the recipients (inside it)."""
-
+@admin.register(ConsentReceipt)
+class ConsentReceiptAdmin(ReadOnlyAdmin):
     list_display = (
         "created_at",
-        "kind",
-        "mailbox",
-        "state",
-        "attempts",
-        "next_attempt_at",
-        "error_code",
-        "reply_code",
+        "user",
+        "address",
+        "provider",
+        "capability",
+        "action",
+        "explanation_version",
     )
-    list_filter = ("state", "kind", "mailbox__provider")
-    search_fields = ("message_id", "mailbox__address")
+    list_filter = ("action", "capability", "provider", ("created_at", admin.DateFieldListFilter))
+    list_select_related = ("user",)
+    search_fields = ("address", "user__username", "user__email")
+    date_hierarchy = "created_at"
+    readonly_fields = [field.name for field in ConsentReceipt._meta.fields]
+    actions = ["export_csv"]
+    csv_columns = [
+        ("time", "created_at"),
+        ("user", "user__username"),
+        ("address", "address"),
+        ("provider", "provider"),
+        ("capability", "capability"),
+        ("action", "action"),
+        ("scopes requested", lambda obj: " ".join(obj.scopes_requested or [])),
+        ("scopes granted", lambda obj: " ".join(obj.scopes_granted or [])),
+        ("explanation version", "explanation_version"),
+        ("IP address (truncated)", "ip_address"),
+        ("browser", "user_agent"),
+    ]
+
+
+@admin.register(RefreshEvent)
+class RefreshEventAdmin(ReadOnlyAdmin):
+    list_display = ("at", "mailbox", "outcome", "error_code")
+    list_filter = ("outcome", ("at", admin.DateFieldListFilter), "mailbox__provider")
     list_select_related = ("mailbox",)
-    readonly_fields = [f.name for f in OutboxMessage._meta.fields if f.name != "payload"]
-    exclude = ("payload", "claim_id")
-    inlines = [OutboxAttemptInline]
+    search_fields = ("mailbox__address",)
+    readonly_fields = [field.name for field in RefreshEvent._meta.fields]
+    actions = ["export_csv"]
+    csv_columns = [
+        ("time", "at"),
+        ("mailbox", "mailbox__address"),
+        ("outcome", "outcome"),
+        ("error", "error_code"),
+    ]
 
-    def has_add_permission(self, request) -> bool:
-        return False
 
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
+@admin.register(PendingRevocation)
+class PendingRevocationAdmin(ReadOnlyAdmin):
+    """Grants of deleted mailboxes, still to revoke at their provider. The
+    refresh token kept for it is never shown, exported, nor even loaded."""
 
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
+    list_display = ("mailbox_id", "provider", "created_at", "attempts", "retry_at", "given_up_at")
+    list_filter = ("provider", ("given_up_at", admin.EmptyFieldListFilter))
+    search_fields = ("=mailbox_id",)
+    fields = (
+        "mailbox_id",
+        "provider",
+        "provider_binding",
+        "created_at",
+        "attempts",
+        "retry_at",
+        "given_up_at",
+    )
+    readonly_fields = fields
+    exclude = ("refresh_token",)
+    actions = ["export_csv"]
+    csv_columns = [
+        ("deleted mailbox", "mailbox_id"),
+        ("provider", "provider"),
+        ("queued", "created_at"),
+        ("attempts", "attempts"),
+        ("next attempt", "retry_at"),
+        ("given up", "given_up_at"),
+    ]
+
+    def get_queryset(self, request: HttpRequest):
+        return super().get_queryset(request).defer("refresh_token")

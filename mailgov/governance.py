@@ -394,18 +394,26 @@ def _run_rows(job: AdminJob, action: Action, user: Any) -> dict[str, int]:
     return counts
 
 
+class _JobProgress:
+    """``progress(n)`` for a service: counts rows done into the job's row,
+    written at most every ``every`` rows (a write per row would cost more
+    than a notice)."""
+
+    def __init__(self, job: AdminJob, every: int = 1) -> None:
+        self.job_id, self.every, self.done, self.written = job.pk, every, 0, 0
+
+    def __call__(self, rows: int) -> None:
+        self.done += rows
+        if self.done - self.written >= self.every:
+            AdminJob.objects.filter(pk=self.job_id).update(done=self.done)
+            self.written = self.done
+
+
 def _run_rotation(job: AdminJob, user: Any) -> dict[str, int]:
     from mailgov.incidents import record
     from mailgov.rotation import rotate_keys
 
-    done = 0
-
-    def progress(rows: int) -> None:
-        nonlocal done
-        done += rows
-        AdminJob.objects.filter(pk=job.pk).update(done=done)
-
-    result = rotate_keys(progress=progress)
+    result = rotate_keys(progress=_JobProgress(job))
     counts = {
         "rotated_values": result.rotated,
         "rows": result.rows,
@@ -423,29 +431,14 @@ def _run_notify(job: AdminJob, user: Any) -> dict[str, int]:
     from mailgov.incidents import notify
 
     incident = Incident.objects.get(pk=job.target_ids[0])
-    done = 0
-
-    def progress(rows: int) -> None:
-        nonlocal done
-        done += rows
-        if done % CHUNK == 0:
-            AdminJob.objects.filter(pk=job.pk).update(done=done)
-
-    return notify(incident, actor=user, progress=progress)
+    return notify(incident, actor=user, progress=_JobProgress(job, every=CHUNK))
 
 
 def _run_containment(job: AdminJob, user: Any) -> dict[str, int]:
     from mailgov.incidents import finish_containment
 
     incident = Incident.objects.get(pk=job.target_ids[0])
-    done = 0
-
-    def progress(rows: int) -> None:
-        nonlocal done
-        done += rows
-        AdminJob.objects.filter(pk=job.pk).update(done=done)
-
-    return finish_containment(incident, actor=user, progress=progress)
+    return finish_containment(incident, actor=user, progress=_JobProgress(job))
 
 
 def resume_stale_jobs(*, now=None) -> int:

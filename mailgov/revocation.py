@@ -96,16 +96,7 @@ def revoke_mailbox(mailbox: Mailbox, reason: str, *, defer: bool = False) -> Rev
         locked.revoked_at = now
         locked.revocation_reason = reason[:255]
         locked.save(update_fields=["status", "revoked_at", "revocation_reason"])
-        pending = credentials is not None and credentials.refresh_token is not None
-        Mailbox.objects.filter(pk=locked.pk).update(
-            revocation_attempts=0,
-            revocation_retry_at=now if pending else None,
-            revocation_given_up_at=None,
-        )
-        if credentials is not None:
-            credentials.access_token = None
-            credentials.expires_at = None
-            credentials.save()
+        pending = schedule_revocation_locked(locked, credentials, now)
         if pending and defer:
             transaction.on_commit(lambda: _queue_revocation(locked.pk))
     mailbox.status = locked.status
@@ -127,6 +118,26 @@ def revoke_mailbox(mailbox: Mailbox, reason: str, *, defer: bool = False) -> Rev
         {True: "confirmed", False: "no endpoint", None: "pending"}[result.at_provider],
     )
     return result
+
+
+def schedule_revocation_locked(
+    mailbox: Mailbox, credentials: MailboxCredentials | None, now
+) -> bool:
+    """Inside the caller's transaction, with the rows locked and the status
+    set: wipe the access token and schedule the provider-side revocation of
+    the refresh token (a new series of attempts). Returns whether there is
+    one to revoke."""
+    pending = credentials is not None and credentials.refresh_token is not None
+    Mailbox.objects.filter(pk=mailbox.pk).update(
+        revocation_attempts=0,
+        revocation_retry_at=now if pending else None,
+        revocation_given_up_at=None,
+    )
+    if credentials is not None:
+        credentials.access_token = None
+        credentials.expires_at = None
+        credentials.save()
+    return pending
 
 
 def _queue_revocation(mailbox_id: Any) -> None:

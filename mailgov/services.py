@@ -30,9 +30,11 @@ from mailgov.providers import (
 )
 from mailgov.revocation import (
     RevocationResult,
+    queue_revocations,
     retry_revocations,
     revoke_at_provider,
     revoke_mailbox,
+    schedule_revocation_locked,
 )
 from mailgov.rotation import (
     RotationResult,
@@ -299,22 +301,10 @@ def require_reconsent(mailbox: Mailbox, reason: str) -> bool:
                 .filter(pk=mailbox.pk)
                 .first()
             )
-            pending = credentials is not None and credentials.refresh_token is not None
             locked.status = Mailbox.Status.NEEDS_RECONSENT
             locked.revocation_reason = reason[:255]
             locked.save(update_fields=["status", "revocation_reason"])
-            Mailbox.objects.filter(pk=locked.pk).update(
-                revocation_attempts=0,
-                revocation_retry_at=now if pending else None,
-                revocation_given_up_at=None,
-            )
-            if credentials is not None:
-                credentials.access_token = None
-                credentials.expires_at = None
-                credentials.save()
-            if pending:
-                from mailgov.revocation import queue_revocations
-
+            if schedule_revocation_locked(locked, credentials, now):
                 transaction.on_commit(lambda: queue_revocations([locked.pk]))
             notify_needs_reconsent(locked, reason.split(":")[0])
     mailbox.status = locked.status

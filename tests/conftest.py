@@ -301,3 +301,27 @@ def leak_check(caplog, capsys) -> Callable[[list[str]], None]:
             assert value and value not in text, "a secret reached the logs or output"
 
     return check
+
+
+#: The groups of the data migration (mailgov/migrations/0006_governance_groups.py).
+AUDITORS = "Mail auditors"
+OFFICERS = "Mail security officers"
+
+
+def staff_user(username: str, group: str | None = None, perms=(), **extra):
+    """A staff user (password "pw") in ``group``, with extra ``perms``
+    ("app_label.codename")."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Group, Permission
+
+    user = get_user_model().objects.create_user(
+        username, f"{username}@staff.test", "pw", is_staff=True, **extra
+    )
+    if group:
+        user.groups.add(Group.objects.get(name=group))
+    for perm in perms:
+        app_label, codename = perm.split(".")
+        user.user_permissions.add(
+            Permission.objects.get(content_type__app_label=app_label, codename=codename)
+        )
+    return user

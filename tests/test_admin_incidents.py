@@ -12,7 +12,6 @@ import logging
 
 import pytest
 from auditlog.models import LogEntry
-from django.contrib.auth.models import Group, Permission
 from django.db.models import TextField
 from django.db.models.functions import Cast
 from django.test import Client
@@ -29,29 +28,18 @@ from mailgov.models import (
     OutboxMessage,
 )
 from mailgov.rotation import key_usage
+from tests.conftest import AUDITORS, OFFICERS, staff_user
 
 pytestmark = pytest.mark.django_db
 
 BASE = "/admin/mailgov/incident/"
 ADD = f"{BASE}add/"
-AUDITORS = "Mail auditors"
-OFFICERS = "Mail security officers"
 State = OutboxMessage.State
 NEW_KEY = generate_key_entry("new")
 
 
 def staff(django_user_model, username: str, group: str | None = None, perms=(), **extra):
-    user = django_user_model.objects.create_user(
-        username, f"{username}@staff.test", "pw", is_staff=True, **extra
-    )
-    if group:
-        user.groups.add(Group.objects.get(name=group))
-    for perm in perms:
-        app_label, codename = perm.split(".")
-        user.user_permissions.add(
-            Permission.objects.get(content_type__app_label=app_label, codename=codename)
-        )
-    return user
+    return staff_user(username, group, perms, **extra)
 
 
 @pytest.fixture

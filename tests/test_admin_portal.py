@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from auditlog.models import LogEntry
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group, Permission
+from django.contrib.auth.models import Permission
 from django.contrib.contenttypes.models import ContentType
 from django.db import connection
 from django.test import Client
@@ -40,6 +40,7 @@ from mailgov.models import (
     RefreshEvent,
     SendLog,
 )
+from tests.conftest import staff_user
 
 pytestmark = pytest.mark.django_db
 
@@ -58,12 +59,7 @@ BODY = "Secret plans for the board meeting"
 
 
 def member(username: str, group: str | None):
-    user = get_user_model().objects.create_user(
-        username, f"{username}@staff.test", "pw", is_staff=True
-    )
-    if group:
-        user.groups.add(Group.objects.get(name=group))
-    return user
+    return staff_user(username, group)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from html import unescape
 
 import pytest
 from auditlog.models import LogEntry
-from django.contrib.auth.models import Group, Permission
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -28,29 +27,18 @@ from mailgov.models import (
     RefreshEvent,
     SendLog,
 )
+from tests.conftest import AUDITORS, OFFICERS, staff_user
 
 pytestmark = pytest.mark.django_db
 
 URL = "/admin/mailgov/governance/"
 EXPORT_URL = "/admin/mailgov/governance/export.csv"
-AUDITORS = "Mail auditors"
-OFFICERS = "Mail security officers"
 GMAIL = "https://mail.google.com/"
 State = OutboxMessage.State
 
 
-def staff(django_user_model, username: str, group: str | None = None, perms=()):
-    user = django_user_model.objects.create_user(
-        username, f"{username}@example.test", "pw", is_staff=True
-    )
-    if group:
-        user.groups.add(Group.objects.get(name=group))
-    for perm in perms:
-        app_label, codename = perm.split(".")
-        user.user_permissions.add(
-            Permission.objects.get(content_type__app_label=app_label, codename=codename)
-        )
-    return user
+def staff(django_user_model, username: str, group: str | None = None, perms=(), **extra):
+    return staff_user(username, group, perms, **extra)
 
 
 @pytest.fixture

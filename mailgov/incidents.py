@@ -22,6 +22,7 @@ The admin pages and ``manage.py mailgov_incident`` both call these.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -147,6 +148,22 @@ def scope_queryset(incident: Incident) -> QuerySet[Mailbox]:
     return Mailbox.objects.filter(scope_q(incident))
 
 
+@functools.lru_cache(maxsize=64)
+def _scope_ids_of(incident_id: int, declared_at: Any) -> frozenset[str]:
+    ids = Incident.objects.filter(pk=incident_id).values_list("scope_ids", flat=True).first()
+    return frozenset(str(pk) for pk in ids or ())
+
+
+def _scope_ids(incident: Incident) -> frozenset[str]:
+    """The incident's ids as a set, kept per process: a scope never changes
+    once declared, and the kill switches test it before every message."""
+    if incident.pk is None:
+        return frozenset(str(pk) for pk in incident.scope_ids)
+    # Keyed by the declaration time too: a database restored or flushed
+    # (tests) may give another incident the same id.
+    return _scope_ids_of(incident.pk, incident.declared_at)
+
+
 def covers(incident: Incident, mailbox: Mailbox) -> bool:
     """Whether ``mailbox`` is in ``incident``'s scope (in Python, no query
     except for a capability scope)."""
@@ -156,9 +173,9 @@ def covers(incident: Incident, mailbox: Mailbox) -> bool:
     if kind == Incident.Scope.PROVIDER:
         return mailbox.provider == incident.scope_value
     if kind == Incident.Scope.USERS:
-        return str(mailbox.owner_id) in {str(pk) for pk in incident.scope_ids}
+        return str(mailbox.owner_id) in _scope_ids(incident)
     if kind == Incident.Scope.MAILBOXES:
-        return str(mailbox.pk) in {str(pk) for pk in incident.scope_ids}
+        return str(mailbox.pk) in _scope_ids(incident)
     if kind == Incident.Scope.CAPABILITY:
         capability = get_capability(incident.scope_value)
         if capability is None:

@@ -141,7 +141,7 @@ def bench_mailbox_list(rows: int) -> None:
     admin, _ = get_user_model().objects.get_or_create(
         username="bench-admin", defaults={"is_staff": True, "is_superuser": True}
     )
-    client = Client()
+    client = Client(SERVER_NAME="localhost")  # an allowed host of the settings
     client.force_login(admin)
     _seed(SMALL_LIST, owners=10)
     small, small_queries = _list_time(client)

@@ -321,9 +321,11 @@ def freeze(incident: Incident, *, actor: Any = None, label: str = "") -> dict[st
 
 def release_frozen(*, now=None) -> int:
     """Queue again mail held by a freeze that no longer covers its mailbox
-    (lifted, or its incident resolved). Returns how many."""
+    (lifted, or its incident resolved), if the mailbox can send; returns how
+    many were queued."""
     from mailgov.freeze import active_freezes, freeze_of
     from mailgov.outbox import publish
+    from mailgov.outcomes import MAILBOX_HOLD_CODES
 
     now = now or timezone.now()
     freezes = active_freezes()
@@ -337,6 +339,12 @@ def release_frozen(*, now=None) -> int:
             if freeze_of(mailbox, freezes) is not None
         ]
         held = held.exclude(mailbox_id__in=still)
+    # A mailbox that cannot send any more (contained, revoked, suspended
+    # meanwhile): its mail stays held, under its status's reason, and goes
+    # when the mailbox is active again (mailgov.outbox.release_auto_held).
+    for status, code in MAILBOX_HOLD_CODES.items():
+        held.filter(mailbox__status=status).update(error_code=code, held_reason=code)
+    held = held.filter(mailbox__status=Mailbox.Status.ACTIVE)
     mailbox_ids = [
         str(pk) for pk in held.order_by().values_list("mailbox_id", flat=True).distinct()
     ]

@@ -452,3 +452,14 @@ def test_refresh_history_records_each_outcome(boxes, authserver):
     )
     assert outcomes == ["ok", "unavailable"]
     assert timezone.now() >= RefreshEvent.objects.first().at
+
+
+def test_lifting_a_freeze_leaves_a_contained_mailbox_s_mail_held(boxes, smtp):
+    incident = incidents.declare(title="t", scope="users", scope_ids=[boxes["alice"].owner_id])
+    [row] = enqueue("alice@example.test")
+    incidents.freeze(incident)
+    incidents.contain(incident)
+    assert incidents.unfreeze(incident) == {"released": 0}
+    held = OutboxMessage.objects.get(pk=row)
+    assert (held.state, held.error_code) == (State.HELD, "mailbox_revoked")
+    assert smtp.messages == []

@@ -496,7 +496,7 @@ def finish_containment(
         )
         record(
             locked,
-            Step.CONTAIN,
+            Step.REVOKE,
             actor=actor,
             label=label,
             counts=totals,

@@ -557,6 +557,7 @@ class IncidentEvent(models.Model):
         FREEZE = "freeze", _("Froze sending")
         UNFREEZE = "unfreeze", _("Lifted the freeze")
         CONTAIN = "contain", _("Contained (tokens made unusable)")
+        REVOKE = "revoke", _("Revoked the contained grants")
         ROTATE = "rotate", _("Rotated the encryption key")
         NOTIFY = "notify", _("Notified owners")
         EXPORT = "export", _("Exported affected owners")

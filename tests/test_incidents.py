@@ -260,7 +260,7 @@ def test_contain_makes_every_token_in_scope_unusable_at_once_then_revokes_them(
     assert entry.actor == officer
     assert entry.additional_data["ids"] == [str(alice.pk)]
     steps = list(incident.timeline.values_list("step", flat=True))
-    assert steps == ["declare", "contain", "contain"]
+    assert steps == ["declare", "contain", "revoke"]
     assert incidents.contain(incident) == {"already": 1, "revoked": 0, "tokens_wiped": 0, "held": 0}
 
 

@@ -120,7 +120,7 @@ class Migration(migrations.Migration):
             name='IncidentEvent',
             fields=[
                 ('id', models.BigAutoField(primary_key=True, serialize=False)),
-                ('step', models.CharField(choices=[('declare', 'Declared'), ('freeze', 'Froze sending'), ('unfreeze', 'Lifted the freeze'), ('contain', 'Contained (tokens made unusable)'), ('rotate', 'Rotated the encryption key'), ('notify', 'Notified owners'), ('export', 'Exported affected owners'), ('resolve', 'Resolved'), ('note', 'Note')], max_length=10, verbose_name='step')),
+                ('step', models.CharField(choices=[('declare', 'Declared'), ('freeze', 'Froze sending'), ('unfreeze', 'Lifted the freeze'), ('contain', 'Contained (tokens made unusable)'), ('revoke', 'Revoked the contained grants'), ('rotate', 'Rotated the encryption key'), ('notify', 'Notified owners'), ('export', 'Exported affected owners'), ('resolve', 'Resolved'), ('note', 'Note')], max_length=10, verbose_name='step')),
                 ('at', models.DateTimeField(default=django.utils.timezone.now, verbose_name='time')),
                 ('actor_label', models.CharField(blank=True, max_length=200, verbose_name='by')),
                 ('counts', models.JSONField(blank=True, default=dict, verbose_name='counts')),

@@ -238,7 +238,7 @@ def test_officer_drill_then_auditor_looks_and_is_refused(drill, smtp):
         "Declared",
         "Froze sending",
         "Contained (tokens made unusable)",
-        "Contained (tokens made unusable)",  # switched on, then every row revoked
+        "Revoked the contained grants",
         "Notified owners",
         "Lifted the freeze",
         "Resolved",

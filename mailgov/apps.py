@@ -20,10 +20,10 @@ class MailgovConfig(AppConfig):
         setting_changed.connect(
             receivers.reset_keyring_on_setting_change, dispatch_uid="mailgov.reset_keyring"
         )
+        # No sender: a proxy of Mailbox (Governance, a host's own) deletes
+        # mailbox rows too; the receiver checks the concrete model.
         pre_delete.connect(
-            receivers.keep_grant_for_revocation,
-            sender=Mailbox,
-            dispatch_uid="mailgov.keep_grant_for_revocation",
+            receivers.keep_grant_for_revocation, dispatch_uid="mailgov.keep_grant_for_revocation"
         )
         signals.mailbox_needs_reconsent.connect(
             receivers.log_needs_reconsent, dispatch_uid="mailgov.log_needs_reconsent"

@@ -156,8 +156,9 @@ def _gate(mailbox: Mailbox, now: datetime) -> Room | None:
         # freeze queues them again (mailgov.incidents.unfreeze); contained
         # mail goes once its owner reconnects, as for any revoked mailbox.
         incident, how = blocked
-        code = "frozen" if how == "frozen" else MAILBOX_HOLD_CODES[Mailbox.Status.REVOKED]
-        _hold_mailbox(mailbox, code, f"{how}: incident #{incident.pk}", now)
+        # "frozen" and "contained" are never released by the dispatch sweep:
+        # lifting the freeze, or the containment's end, decides.
+        _hold_mailbox(mailbox, how, f"{how}: incident #{incident.pk}", now)
         return None
     if mailbox.sending_paused_until and mailbox.sending_paused_until > now:
         _defer(mailbox.pk, mailbox.sending_paused_until, "paused", now)

@@ -276,13 +276,18 @@ def start_containment(incident: Incident, *, user: Any, cid: str = "") -> tuple[
     """Contain the incident at once (one write: every token in the scope
     unusable), then revoke the rows: here for a small scope, else in a
     worker. Returns the containment's counts and the job."""
-    from mailgov.incidents import contain
+    from mailgov.incidents import contain, contained_unrevoked
 
-    counts = contain(incident, actor=user, finish=False)
+    if incident.contained_at is None:
+        counts = contain(incident, actor=user, finish=False)
+    else:
+        # Contained already (maybe since resolved): finish what a failed or
+        # lost job left, without switching anything on again.
+        counts = {"already": 1}
     job = AdminJob.objects.create(
         action="contain",
         target_ids=[str(incident.pk)],
-        total=counts.get("mailboxes", 0),
+        total=contained_unrevoked(incident).count(),
         requested_by=user if getattr(user, "is_authenticated", False) else None,
         cid=(cid or current_cid())[:255],
     )
@@ -313,10 +318,10 @@ JOB_LEASE = timedelta(minutes=30)
 def _claim(job_id: Any, now) -> AdminJob | None:
     stale = now - JOB_LEASE
     taken = AdminJob.objects.filter(pk=job_id, state=AdminJob.State.PENDING).update(
-        state=AdminJob.State.RUNNING, started_at=now
+        state=AdminJob.State.RUNNING, started_at=now, heartbeat_at=now
     ) or AdminJob.objects.filter(
-        pk=job_id, state=AdminJob.State.RUNNING, started_at__lt=stale
-    ).update(started_at=now)
+        pk=job_id, state=AdminJob.State.RUNNING, heartbeat_at__lt=stale
+    ).update(heartbeat_at=now)
     return AdminJob.objects.select_related("requested_by").get(pk=job_id) if taken else None
 
 
@@ -361,7 +366,9 @@ def run_job(job_id: Any) -> dict[str, int] | None:
 
 
 def _progress(job: AdminJob, done: int, counts: dict[str, int]) -> None:
-    AdminJob.objects.filter(pk=job.pk).update(done=done, counts=dict(counts))
+    AdminJob.objects.filter(pk=job.pk).update(
+        done=done, counts=dict(counts), heartbeat_at=timezone.now()
+    )
 
 
 def _finish(job: AdminJob, counts: dict[str, int], *, state=None, error: str = "") -> None:
@@ -405,7 +412,9 @@ class _JobProgress:
     def __call__(self, rows: int) -> None:
         self.done += rows
         if self.done - self.written >= self.every:
-            AdminJob.objects.filter(pk=self.job_id).update(done=self.done)
+            AdminJob.objects.filter(pk=self.job_id).update(
+                done=self.done, heartbeat_at=timezone.now()
+            )
             self.written = self.done
 
 
@@ -451,7 +460,7 @@ def resume_stale_jobs(*, now=None) -> int:
         ).values_list("pk", flat=True)[:100]
     ) + list(
         AdminJob.objects.filter(
-            state=AdminJob.State.RUNNING, started_at__lt=now - JOB_LEASE
+            state=AdminJob.State.RUNNING, heartbeat_at__lt=now - JOB_LEASE
         ).values_list("pk", flat=True)[:100]
     )
     for job_id in stale:

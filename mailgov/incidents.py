@@ -35,7 +35,7 @@ from django.template import Context, Engine, TemplateSyntaxError
 from django.utils import timezone, translation
 from django.utils.translation import gettext_lazy as _
 
-from mailgov.audit import current_cid, log_summary
+from mailgov.audit import current_cid, log_rows, log_summary
 from mailgov.capabilities import get_capability
 from mailgov.exceptions import IncidentStateError
 from mailgov.exports import csv_lines
@@ -313,13 +313,25 @@ def freeze(incident: Incident, *, actor: Any = None, label: str = "") -> dict[st
             finished_at=now,
         )
         counts = {"mailboxes": scope.count(), "held": held}
+        if held:
+            # A bulk change sends no model signal: its audit entry is written here.
+            ids = OutboxMessage.objects.filter(
+                state=State.HELD, held_reason=f"frozen: incident #{locked.pk}", finished_at=now
+            ).values_list("pk", flat=True)
+            log_summary(
+                locked,
+                what="outbox messages held by the freeze",
+                ids=list(ids),
+                changes={"state": [State.QUEUED, State.HELD]},
+                actor=actor,
+            )
         record(locked, Step.FREEZE, actor=actor, label=label, counts=counts)
     _refresh(incident, locked)
     security_logger.warning("incident #%s: sending frozen (%d held)", incident.pk, held)
     return counts
 
 
-def release_frozen(*, now=None) -> int:
+def release_frozen(*, now=None, incident: Incident | None = None, actor: Any = None) -> int:
     """Queue again mail held by a freeze that no longer covers its mailbox
     (lifted, or its incident resolved), if the mailbox can send; returns how
     many were queued."""
@@ -343,15 +355,26 @@ def release_frozen(*, now=None) -> int:
     # meanwhile): its mail stays held, under its status's reason, and goes
     # when the mailbox is active again (mailgov.outbox.release_auto_held).
     for status, code in MAILBOX_HOLD_CODES.items():
-        held.filter(mailbox__status=status).update(error_code=code, held_reason=code)
+        # Its retention period starts now, not when the freeze held it.
+        held.filter(mailbox__status=status).update(
+            error_code=code, held_reason=code, finished_at=now
+        )
     held = held.filter(mailbox__status=Mailbox.Status.ACTIVE)
     mailbox_ids = [
         str(pk) for pk in held.order_by().values_list("mailbox_id", flat=True).distinct()
     ]
-    count = held.update(
+    ids = list(held.values_list("pk", flat=True))
+    count = OutboxMessage.objects.filter(pk__in=ids, state=State.HELD).update(
         state=State.QUEUED, next_attempt_at=now, finished_at=None, held_reason="", error_code=""
     )
     if count:
+        change = {"state": [State.HELD, State.QUEUED]}
+        if incident is not None:
+            log_summary(
+                incident, what="outbox messages released", ids=ids, changes=change, actor=actor
+            )
+        else:
+            log_rows(OutboxMessage, [(pk, f"outbox message {pk}") for pk in ids], changes=change)
         transaction.on_commit(lambda: publish(mailbox_ids))
     return count
 
@@ -367,7 +390,7 @@ def unfreeze(incident: Incident, *, actor: Any = None, label: str = "") -> dict[
             return {"already": 1}
         locked.unfrozen_at = now
         locked.save(update_fields=["unfrozen_at"])
-        counts = {"released": release_frozen(now=now)}
+        counts = {"released": release_frozen(now=now, incident=locked, actor=actor)}
         record(locked, Step.UNFREEZE, actor=actor, label=label, counts=counts)
     _refresh(incident, locked)
     security_logger.warning("incident #%s: freeze lifted", incident.pk)
@@ -418,6 +441,14 @@ def contain(
 def _contained(incident: Incident) -> QuerySet[Mailbox]:
     """The mailboxes a containment covers: in the scope, connected before it."""
     return Mailbox.objects.filter(scope_q(incident), connected_at__lte=incident.contained_at)
+
+
+def contained_unrevoked(incident: Incident) -> QuerySet[Mailbox]:
+    """The mailboxes a containment covers that are not revoked yet (none
+    before it is switched on or once it is done)."""
+    if incident.contained_at is None or incident.containment_done_at is not None:
+        return Mailbox.objects.none()
+    return _contained(incident).exclude(status=Mailbox.Status.REVOKED)
 
 
 def finish_containment(
@@ -479,6 +510,13 @@ def finish_containment(
         ).update(
             state=State.HELD, error_code="mailbox_revoked", held_reason=reason, finished_at=now
         )
+        # Mail a claim held while the containment was on waits, from now,
+        # like any revoked mailbox's: until its owner reconnects.
+        held += OutboxMessage.objects.filter(
+            Exists(these.filter(pk=OuterRef("mailbox_id"))),
+            state=State.HELD,
+            error_code="contained",
+        ).update(error_code="mailbox_revoked", held_reason=reason, finished_at=now)
         every_id = list(these.values_list("pk", flat=True))
         transaction.on_commit(lambda: queue_revocations(every_id))
         if progress is not None:
@@ -685,7 +723,7 @@ def resolve(
         locked.resolved_at = now
         locked.summary = summary
         locked.save(update_fields=["unfrozen_at", "state", "resolved_at", "summary"])
-        released = release_frozen(now=now)
+        released = release_frozen(now=now, incident=locked, actor=actor)
         counts = {"released": released}
         record(locked, Step.RESOLVE, actor=actor, label=label, counts=counts, note=summary)
     _refresh(incident, locked)

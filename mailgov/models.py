@@ -623,6 +623,9 @@ class AdminJob(models.Model):
     cid = models.CharField(_("correlation id"), max_length=255, blank=True)
     created_at = models.DateTimeField(_("requested"), default=timezone.now)
     started_at = models.DateTimeField(_("started"), null=True, blank=True)
+    # Moved by every progress write: a running job not heard of for
+    # JOB_LEASE lost its worker (a long job is never taken twice).
+    heartbeat_at = models.DateTimeField(_("last heard of"), null=True, blank=True)
     finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
     error = models.CharField(_("error"), max_length=255, blank=True)
 

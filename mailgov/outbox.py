@@ -441,17 +441,23 @@ def outbox_status(*, now: datetime | None = None) -> dict[str, Any]:
     }
 
 
+#: Holds of an incident's kill switches (mailgov.freeze): never expired while on.
+INCIDENT_HOLD_CODES = ("frozen", "contained")
+
+
 def expire_bodies(*, now: datetime | None = None) -> int:
     """Delete the bodies of failed and held messages older than
     ``MAILGOV_OUTBOX_FAILED_RETENTION_DAYS``; a held message without a body
-    cannot be sent any more and becomes failed (``body_expired``)."""
+    cannot be sent any more and becomes failed (``body_expired``). Mail held
+    by an incident's freeze is kept however long the freeze lasts: lifting
+    it sends it, and the retention period starts when it ends."""
     now = now or timezone.now()
     cutoff = now - timedelta(days=mailgov_settings.OUTBOX_FAILED_RETENTION_DAYS)
     old = OutboxMessage.objects.filter(
         Q(finished_at__lt=cutoff) | Q(finished_at__isnull=True, created_at__lt=cutoff),
         state__in=[State.FAILED, State.HELD],
         payload__isnull=False,
-    )
+    ).exclude(state=State.HELD, error_code__in=INCIDENT_HOLD_CODES)
     held = old.filter(state=State.HELD).update(
         state=State.FAILED, error_code="body_expired", payload=None, finished_at=now
     )

@@ -21,6 +21,7 @@ from mailgov.exceptions import (
     ConsentRequiredError,
     DecryptionError,
     GrantRevokedError,
+    MailboxContainedError,
     MailboxUnavailableError,
     MailgovConfigurationError,
     ProviderChangedError,
@@ -90,6 +91,7 @@ HOLD_ERRORS = (
     (ConsentRequiredError, "scope_missing"),
     (ProviderChangedError, "provider_changed"),
     (SendingFrozenError, "frozen"),
+    (MailboxContainedError, "contained"),
     (MailboxUnavailableError, "mailbox_unavailable"),
 )
 

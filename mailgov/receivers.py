@@ -25,6 +25,8 @@ def log_needs_reconsent(*, mailbox: Any, reason: str, **kwargs: Any) -> None:
 def keep_grant_for_revocation(*, instance: Any, **kwargs: Any) -> None:
     """Before a mailbox row is deleted (the admin, an ORM cascade from its
     owner, a shell): its grant must not be orphaned at the provider."""
+    from mailgov.models import Mailbox
     from mailgov.revocation import keep_for_revocation
 
-    keep_for_revocation(instance)
+    if instance._meta.concrete_model is Mailbox:
+        keep_for_revocation(instance)

@@ -177,9 +177,10 @@ def queue_revocations(mailbox_ids: list[Any]) -> int:
 
 
 @sensitive_variables()
-def keep_for_revocation(mailbox: Mailbox) -> PendingRevocation | None:
-    """Before ``mailbox`` is deleted: keep its refresh token (re-sealed to a
-    :class:`PendingRevocation` row) until its grant is revoked at the
+def keep_for_revocation(mailbox: Mailbox, *, why: str = "deleted") -> PendingRevocation | None:
+    """Before ``mailbox``'s row is deleted, or its old grant replaced by a
+    new one (``why``): keep its refresh token (re-sealed to a
+    :class:`PendingRevocation` row) until that grant is revoked at the
     provider, and queue that revocation on commit. ``None`` when there is
     nothing to revoke (no refresh token held)."""
     credentials = MailboxCredentials.objects.filter(
@@ -191,9 +192,10 @@ def keep_for_revocation(mailbox: Mailbox) -> PendingRevocation | None:
         token = credentials.refresh_token
     except Exception as exc:  # DecryptionError: nothing can be revoked with it
         security_logger.error(
-            "mailbox %s deleted; its refresh token could not be read (%s), so its grant at "
+            "mailbox %s %s; its refresh token could not be read (%s), so its grant at "
             "provider %r must be revoked there by hand",
             mailbox.pk,
+            why,
             type(exc).__name__,
             mailbox.provider,
         )
@@ -208,8 +210,9 @@ def keep_for_revocation(mailbox: Mailbox) -> PendingRevocation | None:
     pending.save()
     transaction.on_commit(lambda: _queue_deleted(pending.pk))
     security_logger.info(
-        "mailbox %s deleted; revocation of its grant at provider %r queued",
+        "mailbox %s %s; revocation of its old grant at provider %r queued",
         mailbox.pk,
+        why,
         mailbox.provider,
     )
     return pending
@@ -318,7 +321,9 @@ def revoke_at_provider(mailbox_id: Any, *, now=None) -> str:
         # Refused (unsupported token type, invalid token): nothing to retry.
         logger.warning("mailbox %s: revocation refused: %s", mailbox.pk, exc)
         outcome = "refused"
-    MailboxCredentials.objects.filter(pk=mailbox.pk).update(refresh_token=None)
+    # Only if still pending: an owner who reconnected during the call has a
+    # new token in this row (the old one moved to a PendingRevocation).
+    MailboxCredentials.objects.filter(PENDING, pk=mailbox.pk).update(refresh_token=None)
     Mailbox.objects.filter(pk=mailbox.pk).update(
         revocation_retry_at=None, revocation_given_up_at=None
     )

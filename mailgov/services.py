@@ -30,6 +30,7 @@ from mailgov.providers import (
 )
 from mailgov.revocation import (
     RevocationResult,
+    keep_for_revocation,
     queue_revocations,
     retry_revocations,
     revoke_at_provider,
@@ -50,6 +51,19 @@ security_logger = logging.getLogger("mailgov.security")
 
 
 @sensitive_variables()
+def old_grant_must_end(mailbox: Mailbox) -> bool:
+    """Whether ``mailbox``'s stored grant is to be revoked at the provider:
+    revoked here, sent back to re-consent with a revocation scheduled, or
+    covered by an incident's containment."""
+    from mailgov.freeze import block_of
+
+    if mailbox.status == Mailbox.Status.REVOKED:
+        return True
+    if mailbox.revocation_retry_at is not None or mailbox.revocation_given_up_at is not None:
+        return True
+    return block_of(mailbox, sending=False) is not None
+
+
 def apply_token_response(
     credentials: MailboxCredentials, response: TokenResponse, *, now=None
 ) -> None:
@@ -119,6 +133,12 @@ def connect_mailbox(
                 MailboxCredentials.objects.select_for_update().filter(mailbox=mailbox).first()
             )
         credentials = credentials or MailboxCredentials(mailbox=mailbox)
+        if credentials.refresh_token is not None and old_grant_must_end(mailbox):
+            # The old grant was being revoked (revoked, sent back to
+            # re-consent, or contained by an incident): the new consent does
+            # not save it. Its token goes on to be revoked; none of it is kept.
+            keep_for_revocation(mailbox, why="reconnected")
+            credentials.wipe()
         if mailbox.provider_binding and mailbox.provider_binding != provider.identity:
             # Reconnected through another provider than the one that issued
             # the stored tokens: none of them may reach the new one (a

@@ -571,6 +571,16 @@ def test_export_needs_the_export_permission(client, caplog):
     assert sum(r.name == "mailgov.security" for r in caplog.records) == 2
 
 
+@pytest.mark.parametrize("url", [MAILBOXES, AUDIT, "/admin/mailgov/consentreceipt/"])
+def test_export_needs_seeing_the_list_too(client, url):
+    make_mailboxes(1)
+    exporter = member("exporter", None)
+    exporter.user_permissions.add(Permission.objects.get(codename="export_data"))
+    as_user(client, exporter)
+    assert client.get(url).status_code == 403
+    assert client.get(f"{url}export.csv").status_code == 403
+
+
 # -- no secret on any page ------------------------------------------------------------------
 
 

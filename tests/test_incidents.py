@@ -228,6 +228,9 @@ def test_contain_makes_every_token_in_scope_unusable_at_once_then_revokes_them(
     with pytest.raises(MailboxContainedError):
         send("alice@example.test")
     deliver(mailbox_id=str(alice.pk))
+    row = OutboxMessage.objects.get(pk=held)
+    assert (row.state, row.error_code) == (State.HELD, "contained")
+    outbox.release_auto_held()  # not released while the containment is on
     assert OutboxMessage.objects.get(pk=held).state == State.HELD
     assert smtp.messages == []
     assert send("bob@example.test") == 1  # out of scope
@@ -239,7 +242,9 @@ def test_contain_makes_every_token_in_scope_unusable_at_once_then_revokes_them(
         CaptureQueriesContext(connection) as queries,
     ):
         counts = incidents.finish_containment(incident, actor=officer)
-    assert counts == {"revoked": 1, "tokens_wiped": 1, "held": 0}
+    # The message the claim held meanwhile now waits as any revoked mailbox's.
+    assert counts == {"revoked": 1, "tokens_wiped": 1, "held": 1}
+    assert OutboxMessage.objects.get(pk=held).error_code == "mailbox_revoked"
     updates = [q for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
     assert len(updates) <= 5  # a few statements per chunk, not one per mailbox
     alice.refresh_from_db()
@@ -463,3 +468,75 @@ def test_lifting_a_freeze_leaves_a_contained_mailbox_s_mail_held(boxes, smtp):
     held = OutboxMessage.objects.get(pk=row)
     assert (held.state, held.error_code) == (State.HELD, "mailbox_revoked")
     assert smtp.messages == []
+
+
+def test_a_reconnect_during_a_containment_does_not_save_the_leaked_token(
+    boxes, connect, authserver
+):
+    alice = boxes["alice"]
+    leaked = refresh_token_of(alice)
+    incident = incidents.declare(title="t", scope="mailboxes", scope_ids=[alice.pk])
+    incidents.contain(incident, finish=False)  # the rows are left to a worker
+    fresh = connect("alice")  # the owner reconnects before the worker ran
+    assert fresh.pk == alice.pk and refresh_token_of(fresh) != leaked
+    [pending] = PendingRevocation.objects.all()  # the leaked token, kept to be revoked
+    assert pending.refresh_token == leaked
+    assert incidents.finish_containment(incident)["revoked"] == 0  # the new grant is not
+    retry_revocations(due_only=True)
+    assert_refresh_token_revoked(authserver, leaked)
+    assert refresh_token_state(authserver, refresh_token_of(fresh)) == "live"
+    assert get_access_token(fresh)
+
+
+def test_a_reconnect_while_a_revocation_is_pending_revokes_the_old_grant(
+    boxes, connect, authserver
+):
+    from mailgov.services import revoke_mailbox
+
+    alice = boxes["alice"]
+    old = refresh_token_of(alice)
+    with authserver.faults(revoke=503):
+        revoke_mailbox(alice, "incident: contained")  # pending at the provider
+    fresh = connect("alice")
+    assert refresh_token_of(fresh) != old
+    retry_revocations(due_only=True)
+    assert_refresh_token_revoked(authserver, old)
+    assert refresh_token_state(authserver, refresh_token_of(fresh)) == "live"
+
+
+def test_mail_held_by_a_long_freeze_keeps_its_body(boxes, smtp):
+    from datetime import timedelta
+
+    incident = incidents.declare(title="t")
+    [row] = enqueue("alice@example.test")
+    incidents.freeze(incident)
+    later = timezone.now() + timedelta(days=30)
+    assert outbox.expire_bodies(now=later) == 0
+    assert OutboxMessage.objects.get(pk=row).payload is not None
+    incidents.unfreeze(incident)
+    deliver(mailbox_id=str(boxes["alice"].pk))
+    assert OutboxMessage.objects.get(pk=row).state == State.SENT
+
+
+def test_freeze_and_its_release_are_audited_with_the_message_ids(boxes, officer):
+    incident = incidents.declare(title="t")
+    ids = enqueue("alice@example.test", 2)
+    incidents.freeze(incident, actor=officer)
+    incidents.unfreeze(incident, actor=officer)
+    entries = {
+        e.additional_data["what"]: e
+        for e in LogEntry.objects.filter(object_repr__startswith=str(incident))
+        if e.additional_data
+    }
+    held = entries["outbox messages held by the freeze"]
+    released = entries["outbox messages released"]
+    assert sorted(held.additional_data["ids"]) == sorted(map(str, ids))
+    assert sorted(released.additional_data["ids"]) == sorted(map(str, ids))
+    assert held.actor == released.actor == officer
+
+
+def test_deleting_through_a_proxy_of_mailbox_keeps_the_grant_for_revocation(boxes):
+    from mailgov.models import Governance
+
+    Governance.objects.filter(pk=boxes["alice"].pk).delete()
+    assert PendingRevocation.objects.count() == 1

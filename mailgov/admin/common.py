@@ -84,7 +84,12 @@ class GovernanceAdmin(admin.ModelAdmin):
 
     # -- export ------------------------------------------------------------------
     def can_export(self, request: HttpRequest) -> bool:
-        return bool(self.csv_columns) and request.user.has_perm(EXPORT_PERMISSION)
+        # Exporting a list needs seeing it, too.
+        return (
+            bool(self.csv_columns)
+            and request.user.has_perm(EXPORT_PERMISSION)
+            and self.has_view_or_change_permission(request)
+        )
 
     def get_actions(self, request: HttpRequest):
         actions = super().get_actions(request)

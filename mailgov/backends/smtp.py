@@ -49,9 +49,11 @@ from mailgov.conf import mailgov_settings
 from mailgov.exceptions import (
     ConsentRequiredError,
     InvalidMessageError,
+    MailboxContainedError,
     MailboxUnavailableError,
     ProviderUnavailableError,
     SendCancelled,
+    SendingFrozenError,
     SMTPAuthenticationRejected,
     SMTPSecurityError,
 )
@@ -381,6 +383,9 @@ class EmailBackend(smtp.EmailBackend):
 
         def fail(rest: Sequence[PreparedMessage], exc: BaseException) -> None:
             now = timezone.now()
+            # An incident's switch stopping a message is not a failed send
+            # (it is held, on the queued path): the send log counts attempts.
+            switched_off = isinstance(exc, SendingFrozenError | MailboxContainedError)
             logs.extend(
                 SendLog(
                     mailbox=mailbox,
@@ -390,7 +395,7 @@ class EmailBackend(smtp.EmailBackend):
                     error_class=type(exc).__name__,
                     attempted_at=now,
                 )
-                for item in rest
+                for item in ([] if switched_off else rest)
             )
             if on_result is not None:
                 for item in rest:

@@ -103,7 +103,13 @@ class Mailbox(models.Model):
                 name="mailgov_one_active_mailbox_per_address",
             ),
         ]
-        indexes = [models.Index(fields=["status"], name="mailgov_mailbox_status")]
+        indexes = [
+            models.Index(fields=["status"], name="mailgov_mailbox_status"),
+            # The inventory's default order and its provider filter, at
+            # 100,000 mailboxes.
+            models.Index(fields=["address"], name="mailgov_mailbox_address"),
+            models.Index(fields=["provider"], name="mailgov_mailbox_provider"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.address} ({self.provider})"

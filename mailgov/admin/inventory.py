@@ -101,6 +101,23 @@ class StatusFilter(admin.SimpleListFilter):
         return queryset
 
 
+class ProviderFilter(admin.SimpleListFilter):
+    """Django's field filter reads its choices through the list's queryset
+    (with its joins and annotations); this one reads the indexed column."""
+
+    title = _("provider")
+    parameter_name = "provider__exact"
+
+    def lookups(self, request, model_admin):
+        providers = Mailbox.objects.order_by("provider").values_list("provider", flat=True)
+        return [(provider, provider) for provider in providers.distinct()]
+
+    def queryset(self, request, queryset):
+        if self.value():
+            return queryset.filter(provider=self.value())
+        return queryset
+
+
 class CapabilityFilter(admin.SimpleListFilter):
     """Mailboxes granted a capability's required scopes (of their provider,
     as configured now), as an incident of that scope covers them."""
@@ -180,7 +197,7 @@ class MailboxAdmin(GovernanceActions, ReadOnlyAdmin):
     )
     list_filter = (
         StatusFilter,
-        "provider",
+        ProviderFilter,
         CapabilityFilter,
         DormancyFilter,
         TokenExpiryFilter,
@@ -189,6 +206,9 @@ class MailboxAdmin(GovernanceActions, ReadOnlyAdmin):
     list_select_related = ("owner",)
     search_fields = ("address", "owner__username", "owner__email")
     ordering = ("address",)
+    # One count of the filtered rows, not a second of every row (at 100,000
+    # mailboxes each costs a scan).
+    show_full_result_count = False
     change_form_template = "admin/mailgov/mailbox/change_form.html"
     fieldsets = [
         (

@@ -30,6 +30,7 @@ from django.db.models import Exists, Q
 
 from mailgov.exceptions import MailboxContainedError, MailboxUnavailableError, SendingFrozenError
 from mailgov.models import Incident, Mailbox
+from mailgov.scopes import covers
 
 __all__ = [
     "BLOCKING",
@@ -58,8 +59,6 @@ def block_of(
 ) -> tuple[Incident, str] | None:
     """The first incident that blocks ``mailbox`` and how (``"contained"``,
     or ``"frozen"`` when ``sending``), or ``None``. A containment comes first."""
-    from mailgov.incidents import covers
-
     incidents = active_blocks() if incidents is None else incidents
     for incident in incidents:
         if (
@@ -137,8 +136,6 @@ def active_freezes() -> list[Incident]:
 
 def freeze_of(mailbox: Mailbox, freezes: list[Incident] | None = None) -> Incident | None:
     """The first frozen incident whose scope covers ``mailbox``, or ``None``."""
-    from mailgov.incidents import covers
-
     for incident in active_freezes() if freezes is None else freezes:
         if incident.frozen and covers(incident, mailbox):
             return incident

@@ -33,7 +33,18 @@ from django.utils.translation import gettext_lazy as _
 from mailgov.audit import acting_as, current_cid, log_rows, log_summary
 from mailgov.conf import mailgov_settings
 from mailgov.exceptions import GovernanceActionError, OutboxStateError
+from mailgov.incidents import (
+    contain,
+    contained_unrevoked,
+    finish_containment,
+    notify,
+    record,
+    scope_queryset,
+)
 from mailgov.models import AdminJob, Incident, Mailbox, OutboxMessage
+from mailgov.outbox import cancel_message, release_auto_held, release_held, retry_message
+from mailgov.rotation import rotate_keys, rotation_pending_count
+from mailgov.services import require_reconsent, resume_mailbox, revoke_mailbox, suspend_mailbox
 
 logger = logging.getLogger("mailgov")
 security_logger = logging.getLogger("mailgov.security")
@@ -74,8 +85,6 @@ def _reason(actor: Any, what: str) -> str:
 
 
 def _revoke(mailbox: Mailbox, actor: Any) -> str:
-    from mailgov.services import revoke_mailbox
-
     if mailbox.status == Mailbox.Status.REVOKED:
         return "already_revoked"
     # The provider call is queued (retried), not made in the request.
@@ -84,14 +93,10 @@ def _revoke(mailbox: Mailbox, actor: Any) -> str:
 
 
 def _suspend(mailbox: Mailbox, actor: Any) -> str:
-    from mailgov.services import suspend_mailbox
-
     return "suspended" if suspend_mailbox(mailbox, _reason(actor, "suspended")) else "unchanged"
 
 
 def _resume(mailbox: Mailbox, actor: Any) -> str:
-    from mailgov.outbox import release_auto_held
-    from mailgov.services import resume_mailbox
 
     if not resume_mailbox(mailbox, _reason(actor, "resumed")):
         return "unchanged"
@@ -100,8 +105,6 @@ def _resume(mailbox: Mailbox, actor: Any) -> str:
 
 
 def _reconsent(mailbox: Mailbox, actor: Any) -> str:
-    from mailgov.services import require_reconsent
-
     changed = require_reconsent(mailbox, _reason(actor, "re-consent required"))
     return "reconsent_required" if changed else "unchanged"
 
@@ -114,8 +117,6 @@ def _release_held(mailbox: Mailbox, actor: Any) -> str:
     rows = list(_held(mailbox).filter(payload__isnull=False).values_list("pk", "message_id"))
     if not rows:
         return "nothing_held"
-    from mailgov.outbox import release_held
-
     release_held(mailbox, actor=_reason(actor, "released"))
     log_rows(OutboxMessage, rows, changes={"state": [State.HELD, State.QUEUED]}, actor=actor)
     return "released"
@@ -148,22 +149,16 @@ def _outbox_change(row: OutboxMessage, actor: Any, allowed: tuple[str, ...], do:
 
 
 def _retry(row: OutboxMessage, actor: Any) -> str:
-    from mailgov.outbox import retry_message
-
     # Failed only: a sent message would be sent twice; held mail is released.
     result = _outbox_change(row, actor, (State.FAILED,), retry_message)
     return "retried" if result == State.QUEUED else result
 
 
 def _cancel(row: OutboxMessage, actor: Any) -> str:
-    from mailgov.outbox import cancel_message
-
     return _outbox_change(row, actor, (State.QUEUED, State.HELD, State.FAILED), cancel_message)
 
 
 def _release(row: OutboxMessage, actor: Any) -> str:
-    from mailgov.outbox import retry_message
-
     result = _outbox_change(row, actor, (State.HELD,), retry_message)
     return "released" if result == State.QUEUED else result
 
@@ -239,8 +234,6 @@ def start(action_name: str, ids: list[Any], *, user: Any, cid: str = "") -> Admi
 def start_rotation(*, user: Any, incident: Incident | None = None, cid: str = "") -> AdminJob:
     """Queue the re-encryption of every stored value under the primary key
     (superusers only; recorded on ``incident``'s timeline when it ends)."""
-    from mailgov.rotation import rotation_pending_count
-
     job = AdminJob.objects.create(
         action="rotate_keys",
         target_ids=[str(incident.pk)] if incident is not None else [],
@@ -255,8 +248,6 @@ def start_rotation(*, user: Any, incident: Incident | None = None, cid: str = ""
 def start_notify(incident: Incident, *, user: Any, cid: str = "") -> AdminJob:
     """Notify the incident's affected owners: at once for a small scope,
     else in a worker."""
-    from mailgov.incidents import scope_queryset
-
     job = AdminJob.objects.create(
         action="notify",
         target_ids=[str(incident.pk)],
@@ -276,8 +267,6 @@ def start_containment(incident: Incident, *, user: Any, cid: str = "") -> tuple[
     """Contain the incident at once (one write: every token in the scope
     unusable), then revoke the rows: here for a small scope, else in a
     worker. Returns the containment's counts and the job."""
-    from mailgov.incidents import contain, contained_unrevoked
-
     if incident.contained_at is None:
         counts = contain(incident, actor=user, finish=False)
     else:
@@ -419,8 +408,6 @@ class _JobProgress:
 
 
 def _run_rotation(job: AdminJob, user: Any) -> dict[str, int]:
-    from mailgov.incidents import record
-    from mailgov.rotation import rotate_keys
 
     result = rotate_keys(progress=_JobProgress(job))
     counts = {
@@ -437,15 +424,11 @@ def _run_rotation(job: AdminJob, user: Any) -> dict[str, int]:
 
 
 def _run_notify(job: AdminJob, user: Any) -> dict[str, int]:
-    from mailgov.incidents import notify
-
     incident = Incident.objects.get(pk=job.target_ids[0])
     return notify(incident, actor=user, progress=_JobProgress(job, every=CHUNK))
 
 
 def _run_containment(job: AdminJob, user: Any) -> dict[str, int]:
-    from mailgov.incidents import finish_containment
-
     incident = Incident.objects.get(pk=job.target_ids[0])
     return finish_containment(incident, actor=user, progress=_JobProgress(job))
 

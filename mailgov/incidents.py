@@ -22,7 +22,6 @@ The admin pages and ``manage.py mailgov_incident`` both call these.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -30,7 +29,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import Exists, OuterRef, QuerySet
 from django.template import Context, Engine, TemplateSyntaxError
 from django.utils import timezone, translation
 from django.utils.translation import gettext_lazy as _
@@ -39,6 +38,7 @@ from mailgov.audit import current_cid, log_rows, log_summary
 from mailgov.capabilities import get_capability
 from mailgov.exceptions import IncidentStateError
 from mailgov.exports import csv_lines
+from mailgov.freeze import active_freezes, freeze_of
 from mailgov.models import (
     Incident,
     IncidentEvent,
@@ -46,7 +46,7 @@ from mailgov.models import (
     MailboxCredentials,
     OutboxMessage,
 )
-from mailgov.providers import get_provider
+from mailgov.scopes import covers, scope_q, scope_queryset
 
 logger = logging.getLogger("mailgov")
 security_logger = logging.getLogger("mailgov.security")
@@ -100,92 +100,6 @@ def actor_label(actor: Any, label: str = "") -> str:
 
 
 # -- scope ----------------------------------------------------------------------------
-
-
-def _capability_q(capability_id: str) -> Q:
-    """Mailboxes granted the capability's required scopes, per provider.
-
-    Scopes are a JSON list: matched as the quoted scope in its text, which
-    works on every database (JSON containment is PostgreSQL's alone). A
-    provider id that is no longer configured matches whole: an incident
-    errs on the side of covering a mailbox.
-    """
-    capability = get_capability(capability_id)
-    if capability is None:
-        raise IncidentStateError(f"Unknown capability {capability_id!r}.")
-    q = Q(pk__in=[])
-    for provider_id in Mailbox.objects.order_by().values_list("provider", flat=True).distinct():
-        try:
-            provider = get_provider(provider_id)
-        except Exception:  # not configured now
-            q |= Q(provider=provider_id)
-            continue
-        scopes_q = Q(provider=provider_id)
-        for scope in capability.required_scopes(provider):
-            scopes_q &= Q(scopes__icontains=json.dumps(scope))
-        q |= scopes_q
-    return q
-
-
-def scope_q(incident: Incident) -> Q:
-    """The incident's scope as a filter on :class:`Mailbox`."""
-    kind = incident.scope
-    if kind == Incident.Scope.ALL:
-        return Q()
-    if kind == Incident.Scope.PROVIDER:
-        return Q(provider=incident.scope_value)
-    if kind == Incident.Scope.CAPABILITY:
-        return _capability_q(incident.scope_value)
-    if kind == Incident.Scope.USERS:
-        return Q(owner_id__in=[str(pk) for pk in incident.scope_ids])
-    if kind == Incident.Scope.MAILBOXES:
-        return Q(pk__in=[str(pk) for pk in incident.scope_ids])
-    raise IncidentStateError(f"Unknown scope {kind!r}.")
-
-
-def scope_queryset(incident: Incident) -> QuerySet[Mailbox]:
-    """Every mailbox in the incident's scope, whatever its status."""
-    return Mailbox.objects.filter(scope_q(incident))
-
-
-@functools.lru_cache(maxsize=64)
-def _scope_ids_of(incident_id: int, declared_at: Any) -> frozenset[str]:
-    ids = Incident.objects.filter(pk=incident_id).values_list("scope_ids", flat=True).first()
-    return frozenset(str(pk) for pk in ids or ())
-
-
-def _scope_ids(incident: Incident) -> frozenset[str]:
-    """The incident's ids as a set, kept per process: a scope never changes
-    once declared, and the kill switches test it before every message."""
-    if incident.pk is None:
-        return frozenset(str(pk) for pk in incident.scope_ids)
-    # Keyed by the declaration time too: a database restored or flushed
-    # (tests) may give another incident the same id.
-    return _scope_ids_of(incident.pk, incident.declared_at)
-
-
-def covers(incident: Incident, mailbox: Mailbox) -> bool:
-    """Whether ``mailbox`` is in ``incident``'s scope (in Python, no query
-    except for a capability scope)."""
-    kind = incident.scope
-    if kind == Incident.Scope.ALL:
-        return True
-    if kind == Incident.Scope.PROVIDER:
-        return mailbox.provider == incident.scope_value
-    if kind == Incident.Scope.USERS:
-        return str(mailbox.owner_id) in _scope_ids(incident)
-    if kind == Incident.Scope.MAILBOXES:
-        return str(mailbox.pk) in _scope_ids(incident)
-    if kind == Incident.Scope.CAPABILITY:
-        capability = get_capability(incident.scope_value)
-        if capability is None:
-            return True
-        try:
-            provider = get_provider(mailbox.provider)
-        except Exception:
-            return True
-        return mailbox.has_scopes(capability.required_scopes(provider))
-    return True
 
 
 # -- timeline -------------------------------------------------------------------------
@@ -335,7 +249,6 @@ def release_frozen(*, now=None, incident: Incident | None = None, actor: Any = N
     """Queue again mail held by a freeze that no longer covers its mailbox
     (lifted, or its incident resolved), if the mailbox can send; returns how
     many were queued."""
-    from mailgov.freeze import active_freezes, freeze_of
     from mailgov.outbox import publish
     from mailgov.outcomes import MAILBOX_HOLD_CODES
 

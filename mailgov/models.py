@@ -549,8 +549,8 @@ class Incident(models.Model):
 
     def covers(self, mailbox: Mailbox) -> bool:
         """Whether ``mailbox`` is in this incident's scope (see
-        :func:`mailgov.incidents.scope_queryset` for the set-based twin)."""
-        from mailgov.incidents import covers
+        :func:`mailgov.scopes.scope_queryset` for the set-based twin)."""
+        from mailgov.scopes import covers
 
         return covers(self, mailbox)
 

@@ -38,7 +38,6 @@ from mailgov.admin.jobs import GovernanceActions, ReadOnlyAdmin, governance_acti
 from mailgov.capabilities import CAPABILITIES
 from mailgov.conf import mailgov_settings
 from mailgov.governance import allowed, start
-from mailgov.incidents import scope_q
 from mailgov.lifecycle import activity
 from mailgov.models import (
     AdminJob,
@@ -51,6 +50,7 @@ from mailgov.models import (
     RefreshEvent,
     SendLog,
 )
+from mailgov.scopes import scope_q
 
 __all__ = [
     "ConsentReceiptAdmin",

@@ -12,7 +12,7 @@ from typing import Any
 from django.db.models import Q, QuerySet
 
 from mailgov.capabilities import get_capability
-from mailgov.exceptions import IncidentStateError
+from mailgov.exceptions import IncidentStateError, MailgovConfigurationError
 from mailgov.models import Incident, Mailbox
 from mailgov.providers import get_provider
 
@@ -34,7 +34,7 @@ def _capability_q(capability_id: str) -> Q:
     for provider_id in Mailbox.objects.order_by().values_list("provider", flat=True).distinct():
         try:
             provider = get_provider(provider_id)
-        except Exception:  # not configured now
+        except MailgovConfigurationError:  # not configured now
             q |= Q(provider=provider_id)
             continue
         scopes_q = Q(provider=provider_id)
@@ -99,7 +99,7 @@ def covers(incident: Incident, mailbox: Mailbox) -> bool:
             return True
         try:
             provider = get_provider(mailbox.provider)
-        except Exception:
+        except MailgovConfigurationError:
             return True
         return mailbox.has_scopes(capability.required_scopes(provider))
     return True

@@ -675,3 +675,55 @@ class AuditEntry(LogEntry):
         proxy = True
         verbose_name = _("audit entry")
         verbose_name_plural = _("audit trail")
+
+
+class ErasureRecord(models.Model):
+    """The record of an erasure (a data-subject request): who asked, when,
+    the subject's pseudonym, and counts of what was done. Never the erased
+    data itself. ``pending`` until every grant of the subject is revoked at
+    its provider (see :func:`mailgov.privacy.check_erasures`), then ``done``."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", _("Waiting for revocations at the providers")
+        DONE = "done", _("Done")
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    # Null once the account is deleted too (the pseudonym still names it).
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("erased user"),
+    )
+    pseudonym = models.CharField(_("pseudonym"), max_length=64)
+    # The subject's mailbox ids (no address): what the completion check watches.
+    mailbox_ids = models.JSONField(_("mailboxes"), default=list, blank=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        verbose_name=_("erased by"),
+    )
+    actor_label = models.CharField(_("by"), max_length=200, blank=True)
+    counts = models.JSONField(_("counts"), default=dict, blank=True)
+    account_deleted = models.BooleanField(_("account deleted"), default=False)
+    status = models.CharField(
+        _("status"), max_length=10, choices=Status.choices, default=Status.PENDING
+    )
+    created_at = models.DateTimeField(_("requested"), default=timezone.now)
+    finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("erasure")
+        verbose_name_plural = _("erasures")
+        ordering = ["-created_at"]
+        permissions = [
+            ("erase_data", _("Can erase a user's data (data-subject requests)")),
+        ]
+
+    def __str__(self) -> str:
+        return f"erasure of {self.pseudonym} ({self.status})"

@@ -30,3 +30,18 @@ def keep_grant_for_revocation(*, instance: Any, **kwargs: Any) -> None:
 
     if instance._meta.concrete_model is Mailbox:
         keep_for_revocation(instance)
+
+
+def erase_deleted_user(*, instance: Any, **kwargs: Any) -> None:
+    """Before a user is deleted (the admin, the ORM): erase their data as
+    ``mailgov_erase_user`` does, their grants first (see :mod:`mailgov.privacy`)."""
+    from mailgov.privacy import before_user_deleted
+
+    before_user_deleted(instance)
+
+
+def scrub_deleted_user(*, instance: Any, **kwargs: Any) -> None:
+    """After a user's row is deleted, in the same transaction."""
+    from mailgov.privacy import after_user_deleted
+
+    after_user_deleted(instance)

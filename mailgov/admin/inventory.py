@@ -17,12 +17,15 @@ user's deletion (which cascades to the user's mailboxes) still works: the
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from typing import Any
 
 from auditlog.models import LogEntry
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.contrib.admin.utils import display_for_value, quote, unquote
+from django.contrib.auth import get_user_model
 from django.contrib.contenttypes.models import ContentType
 from django.db.models import Count, Exists, F, IntegerField, OuterRef, Q, Subquery, Value
 from django.db.models.functions import Coalesce, TruncDate
@@ -33,8 +36,9 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from mailgov.admin.common import deny
-from mailgov.admin.jobs import GovernanceActions, ReadOnlyAdmin, governance_action
+from mailgov.admin.common import EXPORT_PERMISSION, deny
+from mailgov.admin.jobs import SAMPLE_ROWS, GovernanceActions, ReadOnlyAdmin, governance_action
+from mailgov.audit import log_access
 from mailgov.capabilities import CAPABILITIES
 from mailgov.conf import mailgov_settings
 from mailgov.governance import allowed, start
@@ -50,6 +54,7 @@ from mailgov.models import (
     RefreshEvent,
     SendLog,
 )
+from mailgov.privacy import erase_user, export_user
 from mailgov.scopes import scope_q
 
 __all__ = [
@@ -279,6 +284,8 @@ class MailboxAdmin(GovernanceActions, ReadOnlyAdmin):
         governance_action("release_held"),
         governance_action("cancel_held"),
         "export_csv",
+        "export_owners_data",
+        "erase_owners_data",
     ]
     csv_columns = [
         ("address", "address"),
@@ -336,6 +343,82 @@ class MailboxAdmin(GovernanceActions, ReadOnlyAdmin):
         return display_for_value(
             getattr(obj, "token_expires", None), self.get_empty_value_display()
         )
+
+    # -- data-subject requests (mailgov.privacy) --------------------------------------
+    def has_export_data_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(EXPORT_PERMISSION)
+
+    def has_erase_data_permission(self, request: HttpRequest) -> bool:
+        return request.user.is_superuser or request.user.has_perm("mailgov.erase_data")
+
+    @staticmethod
+    def owners_of(queryset: Any) -> Any:
+        return (
+            get_user_model()
+            .objects.filter(pk__in=queryset.order_by().values("owner"))
+            .order_by("pk")
+        )
+
+    @admin.action(description=_("Export the owners' data (JSON)"), permissions=["export_data"])
+    def export_owners_data(self, request: HttpRequest, queryset: Any) -> HttpResponse:
+        """Everything mailgov holds about each owner of the selected mailboxes
+        (:func:`mailgov.privacy.export_user`), one JSON download; audited."""
+        owners = list(self.owners_of(queryset))
+        log_access(request, "owners' data", get_user_model(), len(owners))
+        response = HttpResponse(
+            json.dumps({"owners": [export_user(owner) for owner in owners]}, indent=2),
+            content_type="application/json; charset=utf-8",
+        )
+        response["Content-Disposition"] = 'attachment; filename="mailgov-owners-data.json"'
+        response["Cache-Control"] = "no-store"
+        return response
+
+    @admin.action(description=_("Erase the owners' data"), permissions=["erase_data"])
+    def erase_owners_data(self, request: HttpRequest, queryset: Any) -> HttpResponse | None:
+        """Confirm, then erase each owner of the selected mailboxes
+        (:func:`mailgov.privacy.erase_user`; their accounts stay)."""
+        owners = self.owners_of(queryset)
+        if request.POST.get("confirm") != "yes":
+            count = owners.count()
+            context = {
+                **self.admin_site.each_context(request),
+                "title": _("Are you sure?"),
+                "subtitle": None,
+                "opts": self.opts,
+                "action_name": "erase_owners_data",
+                "action_label": _(
+                    "Erase the owners' data: every grant is revoked, outbox bodies and "
+                    "notices deleted, addresses pseudonymised. This cannot be undone."
+                ),
+                "count": count,
+                "objects_name": _("owner") if count == 1 else _("owners"),
+                "sample": [owner.get_username() for owner in owners[:SAMPLE_ROWS]],
+                "more": max(0, count - SAMPLE_ROWS),
+                "selected": request.POST.getlist(helpers.ACTION_CHECKBOX_NAME),
+                "select_across": request.POST.get("select_across", "0"),
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+                "queued": False,
+            }
+            request.current_app = self.admin_site.name
+            return TemplateResponse(
+                request, "admin/mailgov/mailbox/action_confirmation.html", context
+            )
+        records = [erase_user(owner, actor=request.user) for owner in list(owners)]
+        pending = sum(1 for record in records if record.status == record.Status.PENDING)
+        self.message_user(
+            request,
+            _(
+                "Erased the data of %(count)d owner(s): %(pseudonyms)s. "
+                "%(pending)d wait for their revocations at the provider."
+            )
+            % {
+                "count": len(records),
+                "pseudonyms": ", ".join(record.pseudonym for record in records),
+                "pending": pending,
+            },
+            messages.SUCCESS,
+        )
+        return None
 
     # -- no delete: revoke ------------------------------------------------------------
     def get_urls(self):

@@ -12,6 +12,7 @@ from mailgov.contrib.allauth import views
 app_name = "mailgov"
 urlpatterns = [
     path("", views.mailboxes, name="mailboxes"),
+    path("my-data.json", views.my_data, name="my_data"),
     path("protection/", views.protection, name="protection"),
     path("not-connected/", views.consent_error, name="consent_error"),
     path("connect/<str:capability_id>/<str:provider_id>/", views.consent, name="consent"),

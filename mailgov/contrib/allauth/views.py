@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import timedelta
 
 from allauth.socialaccount.adapter import get_adapter
 from allauth.socialaccount.models import SocialApp
 from django.contrib import messages
+from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ImproperlyConfigured
 from django.http import Http404, HttpRequest, HttpResponse
@@ -17,6 +19,7 @@ from django.utils.formats import date_format
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_http_methods, require_POST
 
+from mailgov.audit import log_access
 from mailgov.capabilities import CAPABILITIES, describe_scope, get_capability
 from mailgov.conf import mailgov_settings
 from mailgov.contrib.allauth.adapter import ERROR_SESSION_KEY
@@ -27,6 +30,7 @@ from mailgov.contrib.allauth.reasons import reason_text
 from mailgov.exceptions import MailgovConfigurationError
 from mailgov.lifecycle import last_activity, revocation_due
 from mailgov.models import ConsentReceipt, Mailbox
+from mailgov.privacy import export_user
 from mailgov.providers import get_provider
 from mailgov.services import revoke_mailbox
 
@@ -110,6 +114,22 @@ def mailboxes(request: HttpRequest) -> HttpResponse:
             "capabilities": CAPABILITIES.values(),
         },
     )
+
+
+@private
+@login_required
+@require_http_methods(["GET"])
+def my_data(request: HttpRequest) -> HttpResponse:
+    """Everything mailgov holds about the signed-in user, as a JSON download
+    (:func:`mailgov.privacy.export_user`): only their own, never cached."""
+    document = export_user(request.user)
+    log_access(request, "own data", get_user_model(), 1)
+    response = HttpResponse(
+        json.dumps(document, indent=2, ensure_ascii=False),
+        content_type="application/json; charset=utf-8",
+    )
+    response["Content-Disposition"] = 'attachment; filename="my-mailgov-data.json"'
+    return response
 
 
 @private(forms=True)

@@ -1,0 +1,532 @@
+"""Data-subject requests: export everything mailgov holds about a user, and erase it.
+
+:func:`export_user` gathers one JSON-serialisable document: the user, their
+mailboxes, consent receipts, send-log and outbox metadata, the notices sent
+to them, refresh history and the audit entries about them or made by them.
+It never holds a token, a ciphertext or a message body: it reads no
+encrypted column at all (``MailboxCredentials`` is never loaded, the
+outbox's ``payload`` is deferred).
+
+:func:`erase_user` answers an erasure request:
+
+1. every grant is revoked here at once and at the provider (queued and
+   retried by the revocation sweep, :mod:`mailgov.revocation`);
+2. outbox bodies of the user's mailboxes are deleted (what was still to be
+   sent is cancelled), and the notices to the user are deleted;
+3. the user's addresses, username and email are replaced by a keyed-hash
+   pseudonym (``erased-<hex16>@invalid``) in the mailbox rows, the consent
+   receipts (whose IP address and browser are cleared) and the audit trail.
+   The same input always gives the same pseudonym, so counts, send logs and
+   incident timelines still add up;
+4. an :class:`~mailgov.models.ErasureRecord` says who erased whom (by
+   pseudonym), when and how much, and becomes ``done`` once the
+   revocations have happened (:func:`check_erasures`).
+
+Mailbox rows are kept, revoked and pseudonymised, rather than deleted: the
+send log and incident scopes refer to them by id, and the completion check
+reads their revocation state. They go with the account when it is deleted.
+
+Consent receipts are kept, pseudonymised, for
+``MAILGOV_RECEIPT_RETENTION_DAYS`` after their grant ended and are then
+purged (``mailgov_purge``): they are the controller's proof that each grant
+was consented to (GDPR Art. 7(1)), which the law asks it to be able to show
+even after the grant ended. Deleting the account deletes them with it
+(``ConsentReceipt.user`` cascades).
+
+The pseudonym's key is derived from ``SECRET_KEY`` (``salted_hmac`` with a
+salt of its own, HMAC-SHA256), not from the mailgov encryption keyring: the
+keyring's keys are for AES-GCM only and are rotated as routine
+(``mailgov_rotate_keys``), which would change every later pseudonym; a
+pseudonym only needs to be consistent and not reversible without the key.
+
+Deleting a user through Django (the admin, ``user.delete()``, a queryset)
+runs the same erasure: see :func:`mailgov.receivers.erase_deleted_user`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from auditlog.context import auditlog_value
+from auditlog.models import LogEntry
+from django.contrib.auth import get_user_model
+from django.contrib.contenttypes.models import ContentType
+from django.db import transaction
+from django.db.models import Q
+from django.db.models.signals import pre_save
+from django.utils import timezone
+from django.utils.crypto import salted_hmac
+
+from mailgov.models import (
+    ConsentReceipt,
+    ErasureRecord,
+    IncidentEvent,
+    Mailbox,
+    MailboxCredentials,
+    OutboxAttempt,
+    OutboxMessage,
+    PendingRevocation,
+    RefreshEvent,
+    SendLog,
+)
+from mailgov.revocation import revoke_mailbox
+
+security_logger = logging.getLogger("mailgov.security")
+
+__all__ = [
+    "check_erasures",
+    "erase_user",
+    "export_user",
+    "find_user",
+    "pseudonym",
+    "scrub_audit",
+]
+
+#: The salt of the pseudonyms' key (see the module docstring).
+PSEUDONYM_SALT = "mailgov.privacy.pseudonym"
+
+#: The revocation reason written to an erased user's mailboxes.
+ERASURE_REASON = "erased: the owner's data was erased"
+
+#: Statuses whose grant an erasure revokes.
+LIVE = (Mailbox.Status.ACTIVE, Mailbox.Status.SUSPENDED, Mailbox.Status.NEEDS_RECONSENT)
+
+#: Outbox states whose message was still to be sent: cancelled by an erasure
+#: (a failed one only loses its body).
+UNSENT = (OutboxMessage.State.QUEUED, OutboxMessage.State.HELD)
+
+#: What replaces a receipt's IP address or browser in the audit trail.
+CLEARED = "[erased]"
+
+
+def pseudonym(value: str, *, address: bool = True) -> str:
+    """The keyed-hash pseudonym of ``value`` (case-insensitive):
+    ``erased-<hex16>@invalid`` for an address, ``erased-<hex16>`` otherwise."""
+    digest = salted_hmac(PSEUDONYM_SALT, value.strip().lower(), algorithm="sha256").hexdigest()
+    return f"erased-{digest[:16]}" + ("@invalid" if address else "")
+
+
+def find_user(identifier: str) -> Any:
+    """The user named by a username, an email address or an id
+    (``DoesNotExist`` if none, ``MultipleObjectsReturned`` if an email is shared)."""
+    User = get_user_model()
+    query = Q(**{User.USERNAME_FIELD: identifier})
+    if "@" in identifier:
+        query |= Q(email__iexact=identifier)
+    if identifier.isdigit():
+        query |= Q(pk=int(identifier))
+    return User.objects.get(query)
+
+
+# -- export -------------------------------------------------------------------------------
+
+
+def _date(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _content_types() -> dict[str, ContentType]:
+    return {
+        "user": ContentType.objects.get_for_model(get_user_model()),
+        "mailbox": ContentType.objects.get_for_model(Mailbox),
+        "receipt": ContentType.objects.get_for_model(ConsentReceipt),
+        "outbox": ContentType.objects.get_for_model(OutboxMessage),
+    }
+
+
+def _audit_query(
+    user: Any, mailbox_ids: list[str], receipt_ids: list[str], *, by_them: bool = False
+) -> Q:
+    """Audit entries about ``user``, their mailboxes or receipts; with
+    ``by_them``, also the entries of what they did (which name others, so
+    they are scrubbed of the user but not exported to them)."""
+    types = _content_types()
+    query = (
+        Q(content_type=types["user"], object_pk=str(user.pk))
+        | Q(content_type=types["mailbox"], object_pk__in=mailbox_ids)
+        | Q(content_type=types["receipt"], object_pk__in=receipt_ids)
+    )
+    return query | Q(actor=user) if by_them else query
+
+
+def export_user(user: Any) -> dict[str, Any]:
+    """Everything mailgov holds about ``user``, as one JSON-serialisable
+    document. No token, no ciphertext, no message body."""
+    mailboxes = list(Mailbox.objects.filter(owner=user).order_by("connected_at"))
+    mailbox_ids = [mailbox.pk for mailbox in mailboxes]
+    receipts = list(ConsentReceipt.objects.filter(user=user).order_by("created_at"))
+    # Never the payload column: not even loaded.
+    outbox = (
+        OutboxMessage.objects.filter(mailbox__in=mailbox_ids, kind=OutboxMessage.Kind.MAIL)
+        .defer("payload")
+        .order_by("created_at")
+    )
+    attempts: dict[Any, list[dict[str, Any]]] = {}
+    for attempt in OutboxAttempt.objects.filter(message__in=outbox.values("pk")).order_by(
+        "started_at"
+    ):
+        attempts.setdefault(attempt.message_id, []).append(
+            {
+                "started": _date(attempt.started_at),
+                "finished": _date(attempt.finished_at),
+                "outcome": attempt.outcome,
+                "reply_code": attempt.reply_code,
+                "error": attempt.error_code,
+            }
+        )
+    notices = (
+        OutboxMessage.objects.filter(recipient_user=user, kind=OutboxMessage.Kind.NOTIFICATION)
+        .defer("payload")
+        .order_by("created_at")
+    )
+    audit = LogEntry.objects.filter(
+        _audit_query(
+            user, [str(pk) for pk in mailbox_ids], [str(receipt.pk) for receipt in receipts]
+        )
+    ).order_by("timestamp", "pk")
+    return {
+        "format": "mailgov.export/1",
+        "exported_at": _date(timezone.now()),
+        "user": {
+            "id": user.pk,
+            "username": user.get_username(),
+            "email": getattr(user, "email", ""),
+            "date_joined": _date(getattr(user, "date_joined", None)),
+        },
+        "mailboxes": [
+            {
+                "id": str(mailbox.pk),
+                "address": mailbox.address,
+                "provider": mailbox.provider,
+                "status": mailbox.status,
+                "scopes": list(mailbox.scopes or []),
+                "connected": _date(mailbox.connected_at),
+                "last_used": _date(mailbox.last_used_at),
+                "last_refreshed": _date(mailbox.last_refreshed_at),
+                "revoked": _date(mailbox.revoked_at),
+                "revocation_reason": mailbox.revocation_reason,
+            }
+            for mailbox in mailboxes
+        ],
+        "consent_receipts": [
+            {
+                "time": _date(receipt.created_at),
+                "mailbox": str(receipt.mailbox_id) if receipt.mailbox_id else None,
+                "provider": receipt.provider,
+                "address": receipt.address,
+                "capability": receipt.capability,
+                "action": receipt.action,
+                "scopes_requested": receipt.scopes_requested,
+                "scopes_granted": receipt.scopes_granted,
+                "explanation_version": receipt.explanation_version,
+                "ip_address": receipt.ip_address,
+                "user_agent": receipt.user_agent,
+            }
+            for receipt in receipts
+        ],
+        "send_log": [
+            {
+                "mailbox": str(row.mailbox_id),
+                "message_id": row.message_id,
+                "status": row.status,
+                "recipients": row.recipient_count,
+                "error": row.error_class,
+                "attempted": _date(row.attempted_at),
+                "sent": _date(row.sent_at),
+            }
+            for row in SendLog.objects.filter(mailbox__in=mailbox_ids).order_by("attempted_at")
+        ],
+        "outbox": [
+            {
+                "mailbox": str(row.mailbox_id),
+                "message_id": row.message_id,
+                "state": row.state,
+                "recipients": row.recipient_count,
+                "attempts": row.attempts,
+                "error": row.error_code,
+                "reply_code": row.reply_code,
+                "held_reason": row.held_reason,
+                "queued": _date(row.created_at),
+                "sent": _date(row.sent_at),
+                "finished": _date(row.finished_at),
+                "attempt_log": attempts.get(row.pk, []),
+            }
+            for row in outbox
+        ],
+        "notifications": [
+            {
+                "event": row.event,
+                "mailbox": str(row.mailbox_id) if row.mailbox_id else None,
+                "state": row.state,
+                "queued": _date(row.created_at),
+                "sent": _date(row.sent_at),
+            }
+            for row in notices
+        ],
+        "refresh_history": [
+            {
+                "mailbox": str(row.mailbox_id),
+                "time": _date(row.at),
+                "outcome": row.outcome,
+                "error": row.error_code,
+            }
+            for row in RefreshEvent.objects.filter(mailbox__in=mailbox_ids).order_by("at")
+        ],
+        "audit_entries": [
+            {
+                "time": _date(entry.timestamp),
+                "about": f"{entry.content_type.app_label}.{entry.content_type.model}",
+                "object": entry.object_repr,
+                "action": entry.get_action_display(),
+                "changes": entry.changes,
+            }
+            for entry in audit.select_related("content_type")
+        ],
+    }
+
+
+# -- erasure ------------------------------------------------------------------------------
+
+
+def _replacements(user: Any, addresses: Iterable[str], cleared: Iterable[str]) -> dict[str, str]:
+    """Original value (lowercased) -> what replaces it."""
+    found: dict[str, str] = {}
+    for address in addresses:
+        if address:
+            found[address.lower()] = pseudonym(address)
+    email = getattr(user, "email", "") or ""
+    if email:
+        found.setdefault(email.lower(), pseudonym(email))
+    username = user.get_username()
+    if username:
+        found.setdefault(username.lower(), pseudonym(f"user:{username}", address=False))
+    for value in cleared:
+        if value and value.lower() not in found:
+            found[value.lower()] = CLEARED
+    return found
+
+
+def _pattern(replacements: dict[str, str]) -> re.Pattern[str] | None:
+    if not replacements:
+        return None
+    # Longest first: an address is replaced whole before the username inside it.
+    words = sorted(replacements, key=len, reverse=True)
+    return re.compile("|".join(re.escape(word) for word in words), re.IGNORECASE)
+
+
+def _replace(value: Any, pattern: re.Pattern[str], replacements: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return pattern.sub(lambda match: replacements[match.group(0).lower()], value)
+    if isinstance(value, list):
+        return [_replace(item, pattern, replacements) for item in value]
+    if isinstance(value, dict):
+        return {
+            _replace(key, pattern, replacements): _replace(item, pattern, replacements)
+            for key, item in value.items()
+        }
+    return value
+
+
+#: The audit entries' text fields that may quote an erased value.
+AUDIT_TEXT = ("object_repr", "changes_text", "actor_email")
+AUDIT_JSON = ("changes", "additional_data", "serialized_data")
+
+
+def scrub_audit(replacements: dict[str, str], related: Q | None = None) -> int:
+    """Replace every occurrence of the keys of ``replacements`` in the audit
+    trail: in the entries ``related`` (about the subject or by them), and in
+    any entry whose text quotes one of the values that hold an ``@`` (an
+    address is specific enough to be searched for everywhere; a username or
+    a browser string is replaced only in related entries). Returns entries changed."""
+    pattern = _pattern(replacements)
+    if pattern is None:
+        return 0
+    query = Q(pk__in=[])
+    if related is not None:
+        query |= related
+    for value in replacements:
+        if "@" in value:
+            for field in (*AUDIT_TEXT, *AUDIT_JSON):
+                query |= Q(**{f"{field}__icontains": value})
+    changed = 0
+    for entry in LogEntry.objects.filter(query).iterator(chunk_size=500):
+        fields = {
+            name: _replace(getattr(entry, name), pattern, replacements)
+            for name in (*AUDIT_TEXT, *AUDIT_JSON)
+        }
+        if related is not None and entry.remote_addr:
+            fields["remote_addr"] = None
+        if any(getattr(entry, name) != value for name, value in fields.items()):
+            # update(): no signal, and no audit entry about the audit entry.
+            LogEntry.objects.filter(pk=entry.pk).update(**fields)
+            changed += 1
+    return changed
+
+
+def _actor_label(actor: Any) -> str:
+    if getattr(actor, "is_authenticated", False):
+        return actor.get_username()
+    try:
+        return f"shell ({getpass.getuser()})"
+    except Exception:  # no login name (a container): still say it was not a person
+        return "shell"
+
+
+def erase_user(user: Any, *, actor: Any = None, delete_account: bool = False) -> ErasureRecord:
+    """Erase what mailgov holds about ``user`` (see the module docstring);
+    with ``delete_account``, delete the Django user too. Returns the record,
+    ``done`` at once when no revocation at a provider is left to do."""
+    with transaction.atomic():
+        record = _erase(user, actor=actor)
+        if delete_account:
+            # The pre_delete receiver sees it is done; the post_delete one
+            # scrubs what the cascade itself writes to the audit trail.
+            user._mailgov_erasure = record
+            user.delete()
+    check_erasures([record])
+    record.refresh_from_db()
+    return record
+
+
+def _erase(user: Any, *, actor: Any = None) -> ErasureRecord:
+    now = timezone.now()
+    counts: dict[str, int] = {}
+    mailboxes = list(Mailbox.objects.filter(owner=user))
+    mailbox_ids = [mailbox.pk for mailbox in mailboxes]
+    # 1. Every grant first: revoked here at once, at the provider on commit
+    # (and by the revocation sweep until the provider confirms).
+    revoked = 0
+    for mailbox in mailboxes:
+        if mailbox.status in LIVE:
+            revoke_mailbox(mailbox, ERASURE_REASON, defer=True)
+            revoked += 1
+    counts["grants_revoked"] = revoked
+    # A revoked mailbox whose earlier revocation is still pending keeps its
+    # refresh token for that; an access token is never needed again.
+    MailboxCredentials.objects.filter(pk__in=mailbox_ids).update(access_token=None, expires_at=None)
+    # 2. Bodies and notices.
+    counts["outbox_cancelled"] = OutboxMessage.objects.filter(
+        mailbox__in=mailbox_ids, kind=OutboxMessage.Kind.MAIL, state__in=UNSENT
+    ).update(
+        state=OutboxMessage.State.CANCELLED,
+        error_code="erased",
+        finished_at=now,
+        payload=None,
+        claim_id=None,
+    )
+    counts["outbox_bodies_deleted"] = OutboxMessage.objects.filter(
+        mailbox__in=mailbox_ids, payload__isnull=False
+    ).update(payload=None)
+    counts["notifications_deleted"], _ = OutboxMessage.objects.filter(recipient_user=user).delete()
+    # 3. Pseudonyms.
+    receipts = ConsentReceipt.objects.filter(user=user)
+    addresses = {mailbox.address for mailbox in mailboxes}
+    addresses |= set(receipts.exclude(address="").values_list("address", flat=True))
+    cleared = set()
+    for ip, agent in receipts.values_list("ip_address", "user_agent"):
+        cleared |= {ip, agent}
+    replacements = _replacements(user, addresses, cleared)
+    for address in addresses:
+        Mailbox.objects.filter(pk__in=mailbox_ids, address__iexact=address).update(
+            address=pseudonym(address)
+        )
+        receipts.filter(address__iexact=address).update(address=pseudonym(address))
+    counts["mailboxes_pseudonymised"] = len(mailbox_ids)
+    counts["receipts_pseudonymised"] = receipts.update(ip_address="", user_agent="")
+    # Incident timelines keep their counts; only who took a step is renamed.
+    counts["incident_steps_renamed"] = IncidentEvent.objects.filter(actor=user).update(
+        actor_label=pseudonym(f"user:{user.get_username()}", address=False)
+    )
+    related = _audit_query(
+        user,
+        [str(pk) for pk in mailbox_ids],
+        [str(pk) for pk in receipts.values_list("pk", flat=True)],
+        by_them=True,
+    )
+    counts["audit_entries_pseudonymised"] = scrub_audit(replacements, related)
+    record = ErasureRecord.objects.create(
+        user=user,
+        pseudonym=pseudonym(f"user:{user.get_username()}", address=False),
+        mailbox_ids=[str(pk) for pk in mailbox_ids],
+        actor=actor if getattr(actor, "is_authenticated", False) else None,
+        actor_label=_actor_label(actor),
+        counts=counts,
+    )
+    # Kept on the instance for the account's deletion (see before_user_deleted).
+    user._mailgov_replacements = replacements
+    user._mailgov_related = related
+    security_logger.info("erasure %s of user %s recorded: %s", record.pk, user.pk, counts)
+    return record
+
+
+# -- the account's deletion through Django ------------------------------------------------
+
+
+def current_actor() -> Any:
+    """The user django-auditlog's middleware says is acting (``None`` outside a request)."""
+    try:
+        context = auditlog_value.get()
+    except LookupError:
+        return None
+    # auditlog never resets its context variable when the request ends: it
+    # disconnects the request's receiver instead. The actor is current only
+    # while that receiver is connected (auditlog's own test, _set_actor).
+    duid = context.get("signal_duid")
+    if not any(key[0] == duid for key, *_rest in pre_save.receivers):
+        return None
+    return context.get("actor")
+
+
+def before_user_deleted(user: Any) -> None:
+    """``pre_delete`` of a user (the admin, the ORM): erase first, unless
+    :func:`erase_user` is the one deleting (recursion guard).
+
+    Django collected the rows its cascade deletes before any ``pre_delete``
+    receiver runs, and auditlog writes their deletion from those (old)
+    instances: :func:`after_user_deleted` scrubs what it wrote."""
+    if getattr(user, "_mailgov_erasure", None) is not None:
+        return
+    user._mailgov_erasure = _erase(user, actor=current_actor())
+
+
+def after_user_deleted(user: Any) -> None:
+    """``post_delete`` of a user, in the deletion's transaction: scrub the
+    audit entries the cascade wrote, and record that the account went."""
+    record = getattr(user, "_mailgov_erasure", None)
+    if record is None:
+        return
+    scrub_audit(getattr(user, "_mailgov_replacements", {}), getattr(user, "_mailgov_related", None))
+    # The record was written after Django collected what refers to the user.
+    ErasureRecord.objects.filter(pk=record.pk).update(user=None, account_deleted=True)
+    # A user who deleted their own account erased themself.
+    ErasureRecord.objects.filter(pk=record.pk, actor_id=user.pk).update(actor=None)
+    transaction.on_commit(lambda: check_erasures(ErasureRecord.objects.filter(pk=record.pk)))
+
+
+def erasure_pending(record: ErasureRecord) -> bool:
+    """Whether a grant of ``record``'s mailboxes still waits for its
+    revocation at the provider."""
+    ids = record.mailbox_ids
+    return (
+        PendingRevocation.objects.filter(mailbox_id__in=ids).exists()
+        or MailboxCredentials.objects.filter(pk__in=ids, refresh_token__isnull=False).exists()
+    )
+
+
+def check_erasures(records: Iterable[ErasureRecord] | None = None) -> int:
+    """Mark ``done`` the pending erasures (all, by default) whose revocations
+    have all happened. Returns how many were."""
+    if records is None:
+        records = ErasureRecord.objects.filter(status=ErasureRecord.Status.PENDING)
+    done = 0
+    for record in records:
+        if record.status == ErasureRecord.Status.PENDING and not erasure_pending(record):
+            ErasureRecord.objects.filter(pk=record.pk).update(
+                status=ErasureRecord.Status.DONE, finished_at=timezone.now()
+            )
+            done += 1
+    return done

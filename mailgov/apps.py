@@ -11,10 +11,11 @@ class MailgovConfig(AppConfig):
 
     def ready(self) -> None:
         from auditlog.registry import auditlog
-        from django.db.models.signals import pre_delete
+        from django.conf import settings
+        from django.db.models.signals import post_delete, pre_delete
         from django.test.signals import setting_changed
 
-        from mailgov import checks, receivers, signals  # noqa: F401  (registers checks)
+        from mailgov import checks, metrics, receivers, signals  # noqa: F401  (registers checks)
         from mailgov.models import ConsentReceipt, Incident, Mailbox, OutboxMessage
 
         setting_changed.connect(
@@ -24,6 +25,21 @@ class MailgovConfig(AppConfig):
         # mailbox rows too; the receiver checks the concrete model.
         pre_delete.connect(
             receivers.keep_grant_for_revocation, dispatch_uid="mailgov.keep_grant_for_revocation"
+        )
+        # The database gauges, on prometheus-client's registry (once; not in
+        # multiprocess mode, where /metrics builds its own registry).
+        metrics.register()
+        # Deleting a user through Django erases their data first (data-subject
+        # requests: mailgov.privacy); the lazy sender is the user model.
+        pre_delete.connect(
+            receivers.erase_deleted_user,
+            sender=settings.AUTH_USER_MODEL,
+            dispatch_uid="mailgov.erase_deleted_user",
+        )
+        post_delete.connect(
+            receivers.scrub_deleted_user,
+            sender=settings.AUTH_USER_MODEL,
+            dispatch_uid="mailgov.scrub_deleted_user",
         )
         signals.mailbox_needs_reconsent.connect(
             receivers.log_needs_reconsent, dispatch_uid="mailgov.log_needs_reconsent"

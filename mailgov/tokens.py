@@ -23,6 +23,7 @@ from django.views.decorators.debug import sensitive_variables
 from mailgov.conf import mailgov_settings
 from mailgov.exceptions import GrantRevokedError, MailboxUnavailableError, ProviderError
 from mailgov.freeze import any_block, check_not_blocked
+from mailgov.metrics import count_refresh
 from mailgov.models import Mailbox, MailboxCredentials, RefreshEvent
 from mailgov.providers import Provider, get_mailbox_provider
 from mailgov.services import (
@@ -114,13 +115,14 @@ def _refresh(
     except ProviderError as exc:
         if not isinstance(exc, GrantRevokedError):
             # The refresh's transaction rolled back: the history is written after.
-            RefreshEvent.objects.create(
+            event = RefreshEvent.objects.create(
                 mailbox_id=mailbox.pk,
                 outcome=RefreshEvent.Outcome.UNAVAILABLE
                 if exc.retryable
                 else RefreshEvent.Outcome.REFUSED,
                 error_code=(exc.error or (str(exc.status) if exc.status else ""))[:64],
             )
+            count_refresh(mailbox.provider, event.outcome)
         raise
 
 
@@ -171,6 +173,7 @@ def _refresh_locked(
                 outcome=RefreshEvent.Outcome.REVOKED,
                 error_code="invalid_grant",
             )
+            count_refresh(locked.provider, RefreshEvent.Outcome.REVOKED)
             if mark_needs_reconsent_locked(locked, credentials, "invalid_grant"):
                 notify_needs_reconsent(locked, "invalid_grant")
         else:
@@ -189,6 +192,7 @@ def _refresh_locked(
             RefreshEvent.objects.create(
                 mailbox_id=locked.pk, at=now, outcome=RefreshEvent.Outcome.OK
             )
+            count_refresh(locked.provider, RefreshEvent.Outcome.OK)
             mailbox.last_refreshed_at = now
             token = credentials.access_token
     if revoked is not None:

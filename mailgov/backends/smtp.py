@@ -58,6 +58,7 @@ from mailgov.exceptions import (
     SMTPSecurityError,
 )
 from mailgov.freeze import active_blocks, check_not_blocked, send_gate
+from mailgov.metrics import count_sends
 from mailgov.models import Mailbox, SendLog
 from mailgov.providers import Provider, get_mailbox_provider
 from mailgov.services import mark_needs_reconsent, suspend_mailbox
@@ -492,6 +493,7 @@ class EmailBackend(smtp.EmailBackend):
         """
         if not logs:
             return
+        count_sends(logs)
         used = {log.mailbox_id for log in logs if log.status == SendLog.Status.SENT}
         try:
             with transaction.atomic():

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench audit clean
 
 $(STAMP): pyproject.toml project/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.benchmarks.run $(BENCH_ARGS)
+
+# The pinned versions against the published vulnerabilities (pip-audit; needs
+# pypi.org or api.osv.dev: AUDIT_ARGS=--service osv). Exit 1: a finding;
+# exit 3: "dependency audit could not run: <reason>" (never a pass).
+audit: $(STAMP)
+	$(BIN)/python -m project.audit $(AUDIT_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache .hypothesis

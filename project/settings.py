@@ -3,6 +3,13 @@
 Runs on embedded defaults: SQLite in ``var/``, a generated secret key, a
 generated encryption key file, and the demo authorization server and SMTP
 server that ``make demo`` starts. ``DATABASE_URL`` selects PostgreSQL.
+
+Everything secret or site-specific comes from the environment:
+``DJANGO_SECRET_KEY`` (or ``DJANGO_SECRET_KEY_FILE``), ``DJANGO_DEBUG=0``
+(production: HSTS, HTTPS redirect, secure cookies), ``DJANGO_ALLOWED_HOSTS``,
+``DJANGO_CSRF_TRUSTED_ORIGINS``, ``DJANGO_SECURE_SSL_REDIRECT``,
+``DJANGO_SECURE_PROXY_SSL_HEADER``, ``DJANGO_CSP_FORM_ACTION``,
+``DATABASE_URL``, ``CELERY_BROKER_URL``, ``MAILGOV_ENCRYPTION_KEYS_FILE``.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from mailgov.schedule import beat_schedule
 from project.localsecrets import secret_from_file
@@ -20,9 +28,42 @@ VAR_DIR = Path(os.environ.get("MAILGOV_VAR_DIR", BASE_DIR / "var"))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or secret_from_file(VAR_DIR / "secret_key")
-DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
-ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+def env_flag(name: str, default: bool) -> bool:
+    """``1``/``true``/``yes``/``on`` (any case) or ``0``/``false``/``no``/``off``."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ImproperlyConfigured(f"{name}={value!r}: expected 1 or 0")
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    """A comma-separated list (blanks dropped), or ``default`` when unset."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+# The demo runs with DEBUG on; a deployment sets DJANGO_DEBUG=0 (see "Deploying"
+# in the README), which turns on the production security settings below.
+DEBUG = env_flag("DJANGO_DEBUG", True)
+if os.environ.get("DJANGO_SECRET_KEY_FILE"):  # a secret mount
+    SECRET_KEY = Path(os.environ["DJANGO_SECRET_KEY_FILE"]).read_text().strip()
+elif os.environ.get("DJANGO_SECRET_KEY"):
+    SECRET_KEY = os.environ["DJANGO_SECRET_KEY"]
+elif DEBUG:
+    SECRET_KEY = secret_from_file(VAR_DIR / "secret_key")
+else:
+    # Never a key generated into var/ in production: it would differ per host.
+    raise ImproperlyConfigured("DJANGO_DEBUG=0 needs DJANGO_SECRET_KEY or DJANGO_SECRET_KEY_FILE")
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
+# Origins (scheme://host[:port]) allowed to POST, when they differ from the Host
+# header, e.g. behind a proxy that rewrites it.
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -41,10 +82,17 @@ INSTALLED_APPS = [
     "allauth.socialaccount.providers.openid_connect",
     "allauth.socialaccount.providers.google",
     "allauth.socialaccount.providers.microsoft",
+    # django-csp: its system checks (the policy itself is set by the middleware).
+    "csp",
+    # Metrics (/metrics) and health checks (/health/...): see project/urls.py.
+    "django_prometheus",
+    "health_check",
     "project.demo",
 ]
 
 MIDDLEWARE = [
+    # First and last: django-prometheus times the whole request.
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -52,11 +100,14 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # The Content-Security-Policy header (CONTENT_SECURITY_POLICY below).
+    "project.csp.ProviderFormActionCSPMiddleware",
     "auditlog.middleware.AuditlogMiddleware",
     # After auditlog's: every request gets a correlation id for its audit entries.
     "mailgov.middleware.CorrelationIdMiddleware",
     "allauth.account.middleware.AccountMiddleware",
     "django_ratelimit.middleware.RatelimitMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 AUTHENTICATION_BACKENDS = [
@@ -116,6 +167,48 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "static"
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
+
+# --- security headers --------------------------------------------------------
+# On every page, in the demo too: no framing, no sniffing, a same-origin
+# referrer (the consent flow sets its own, stricter Referrer-Policy per
+# response: mailgov.contrib.allauth.headers).
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+# No inline script or style anywhere (the pages load static files only).
+# form-action also gets the origin of every configured provider's
+# authorization endpoint, at request time (project.csp): Chromium applies it
+# to the redirect that answers the consent and sign-in forms.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "form-action": ["'self'", *env_list("DJANGO_CSP_FORM_ACTION", [])],
+        "frame-ancestors": ["'none'"],
+        "base-uri": ["'none'"],
+        "object-src": ["'none'"],
+    },
+}
+if not DEBUG:
+    # HTTPS only: a year of HSTS (with subdomains, and eligible for the
+    # browsers' preload lists), cookies never sent in clear.
+    SECURE_HSTS_SECONDS = 365 * 24 * 3600
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SECURE_SSL_REDIRECT = env_flag("DJANGO_SECURE_SSL_REDIRECT", True)
+    # Probes and the Prometheus scraper talk plain HTTP to the process itself,
+    # inside the cluster: a redirect to https:// would fail them.
+    SECURE_REDIRECT_EXEMPT = [r"^health/", r"^metrics$"]
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+# Behind a proxy that terminates TLS: DJANGO_SECURE_PROXY_SSL_HEADER=X-Forwarded-Proto
+# (only if the proxy always sets or overwrites that header), so that Django
+# knows the request came over HTTPS.
+if os.environ.get("DJANGO_SECURE_PROXY_SSL_HEADER"):
+    _header = os.environ["DJANGO_SECURE_PROXY_SSL_HEADER"].upper().replace("-", "_")
+    SECURE_PROXY_SSL_HEADER = (f"HTTP_{_header}", "https")
 
 EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
 # The queued backend (mailgov.backends.queued) stores each message in the

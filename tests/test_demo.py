@@ -244,6 +244,7 @@ def test_make_demo_runs_from_nothing(start_demo, demo_ports, tmp_path):
             assert time.monotonic() < deadline, demo.output[-3000:]
             time.sleep(0.5)
         check_the_portal(site, tmp_path / "var" / "db.sqlite3", demo.output)
+        check_operations_endpoints(site)
     finally:
         # Ctrl-C, as a terminal sends it: to the whole foreground process group.
         demo.signal_group(signal.SIGINT)
@@ -255,6 +256,21 @@ def test_make_demo_runs_from_nothing(start_demo, demo_ports, tmp_path):
     # Nothing secret in what the demo printed beyond the documented demo passwords.
     keys = (tmp_path / "var" / "mailgov-keys.txt").read_text().split(":", 1)[1].strip()
     assert keys not in demo.output
+
+
+def check_operations_endpoints(site: str) -> None:
+    """The demo serves /metrics and the health probes; readiness comes once
+    beat and the worker have run the dispatch sweep."""
+    assert requests.get(site + "/health/live", timeout=10).text == "ok\n"
+    deadline = time.monotonic() + 30
+    while (ready := requests.get(site + "/health/ready", timeout=10)).status_code != 200:
+        assert time.monotonic() < deadline, ready.text
+        time.sleep(0.5)
+    assert "SweepHeartbeat(sweep='mailgov.dispatch_outbox'): OK" in ready.text
+    metrics = requests.get(site + "/metrics", timeout=10).text
+    assert 'mailgov_mailboxes{status="active"}' in metrics
+    assert 'mailgov_send_attempts_total{provider="demo",result="sent"}' in metrics
+    assert "alice@example.test" not in metrics
 
 
 def staff_session(site: str, username: str, password: str) -> requests.Session:

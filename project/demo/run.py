@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -239,11 +240,18 @@ def main() -> int:
 def _run(commands: list[subprocess.Popen[bytes]]) -> int:
     """Set up and start everything, then wait; return 1 when a server exits by itself."""
     VAR.mkdir(exist_ok=True)
+    # prometheus-client's multiprocess mode: the site, the worker and the
+    # commands count into files here, summed at each scrape of /metrics.
+    # Emptied at each start, as prometheus-client requires.
+    metrics_dir = VAR / "prometheus"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir()
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "project.settings",
         "PYTHONUNBUFFERED": "1",
         "MAILGOV_VAR_DIR": str(VAR),
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         "MAILGOV_AUTHSERVER_URL": f"http://{HOST}:{AUTH_PORT}",
         "MAILGOV_DEMO_SMTP_PORT": str(SMTP_PORT),
         "MAILGOV_DEMO_REDIRECT_URI": f"http://{HOST}:{SITE_PORT}/demo/oauth/callback/",
@@ -336,6 +344,7 @@ mailgov demo is running. Stop everything with Ctrl-C.
 
   Site                    http://{HOST}:{SITE_PORT}/
   Demo inbox              http://{HOST}:{SITE_PORT}/demo/inbox/
+  Metrics and health      http://{HOST}:{SITE_PORT}/metrics  /health/live  /health/ready
   Mail governance (admin) http://{HOST}:{SITE_PORT}/admin/
   Authorization server    {authserver.url}/
   SMTP server             {HOST}:{SMTP_PORT} (STARTTLS, CA in {tls.ca_cert})

@@ -20,7 +20,10 @@ CHROMIUM = Path(os.environ.get("MAILGOV_CHROMIUM", "/usr/bin/chromium"))
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: Playwright's sync API keeps an event loop
+# running in the main thread while it is open, and the async views tested
+# after the browser tests (django-health-check's) cannot run beside it.
+@pytest.fixture(scope="module")
 def chromium() -> Iterator:
     if not CHROMIUM.exists():
         message = f"no Chromium at {CHROMIUM} (apt-get install chromium)"

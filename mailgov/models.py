@@ -226,8 +226,14 @@ class ConsentReceipt(models.Model):
         WITHDRAW = "withdraw", _("Withdrawn")
 
     id = models.BigAutoField(primary_key=True)
+    # SET_NULL: a receipt outlives its user's account (pseudonymised by the
+    # erasure) for MAILGOV_RECEIPT_RETENTION_DAYS, as proof of consent.
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="mailgov_receipts"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="mailgov_receipts",
     )
     mailbox = models.ForeignKey(
         Mailbox, on_delete=models.SET_NULL, null=True, blank=True, related_name="receipts"

@@ -79,7 +79,13 @@ def refresh_tokens() -> dict[str, int] | None:
 @shared_task(name="mailgov.retry_revocations", ignore_result=True)
 def retry_revocations() -> dict[str, int] | None:
     """Retry the provider-side revocations whose time has come."""
-    return _sweep("mailgov.retry_revocations", services.retry_revocations, due_only=True)
+    result = _sweep("mailgov.retry_revocations", services.retry_revocations, due_only=True)
+    if result is not None:
+        from mailgov import privacy
+
+        # An erasure is done once its grants are revoked at their providers.
+        result["erasures_done"] = privacy.check_erasures()
+    return result
 
 
 @shared_task(name="mailgov.revoke_at_provider", ignore_result=True)

@@ -289,6 +289,9 @@ def test_erasure_revokes_at_the_provider_and_leaves_no_trace(authserver, connect
     assert other.address in text
     assert_no_trace(text, [*values, access, refresh])
     assert not get_user_model().objects.filter(username="alice").exists()
+    # The proof of consent outlives the account, pseudonymised.
+    [receipt] = ConsentReceipt.objects.filter(address=pseudonym(mailbox.address))
+    assert receipt.user is None and receipt.ip_address == "" and receipt.user_agent == ""
     raw = sqlite_file_text()
     if raw is not None:
         assert_no_trace(raw, [user.email, mailbox.address, AGENT, access, refresh])

@@ -41,10 +41,11 @@ from django.utils.translation import ngettext
 from mailgov.admin.common import GovernanceAdmin, deny
 from mailgov.conf import mailgov_settings
 from mailgov.governance import ACTIONS, start
-from mailgov.models import AdminJob
+from mailgov.models import AdminJob, ErasureRecord
 
 __all__ = [
     "AdminJobAdmin",
+    "ErasureRecordAdmin",
     "GovernanceActions",
     "ReadOnlyAdmin",
     "describe_counts",
@@ -326,3 +327,14 @@ class AdminJobAdmin(ReadOnlyAdmin):
             _("rows"),
             rows,
         )
+
+
+@admin.register(ErasureRecord)
+class ErasureRecordAdmin(ReadOnlyAdmin):
+    """Erasures: who asked, when, the pseudonym and the counts; never the
+    erased data (there is none left to show)."""
+
+    list_display = ("created_at", "pseudonym", "actor_label", "status", "account_deleted")
+    list_filter = ("status", "account_deleted")
+    search_fields = ("pseudonym",)
+    readonly_fields = [f.name for f in ErasureRecord._meta.fields]

@@ -216,14 +216,23 @@ def start(action_name: str, ids: list[Any], *, user: Any, cid: str = "") -> Admi
     if action_name not in ACTIONS and action_name not in SPECIAL:
         raise GovernanceActionError(f"Unknown governance action {action_name!r}.")
     ids = [str(pk) for pk in ids]
+    return _launch(action_name, ids, len(ids), user, cid, inline=action_name in ACTIONS)
+
+
+def _launch(
+    action: str, target_ids: list[str], total: int, user: Any, cid: str, *, inline: bool = True
+) -> AdminJob:
+    """Record the job as ``user`` under the request's correlation id; run it
+    here when ``inline`` and it is small enough, else queue it for a worker
+    on commit."""
     job = AdminJob.objects.create(
-        action=action_name,
-        target_ids=ids,
-        total=len(ids),
+        action=action,
+        target_ids=target_ids,
+        total=total,
         requested_by=user if getattr(user, "is_authenticated", False) else None,
         cid=(cid or current_cid())[:255],
     )
-    if action_name in ACTIONS and len(ids) <= int(mailgov_settings.ADMIN_INLINE_ROWS):
+    if inline and total <= int(mailgov_settings.ADMIN_INLINE_ROWS):
         run_job(job.pk)
         job.refresh_from_db()
     else:
@@ -234,33 +243,16 @@ def start(action_name: str, ids: list[Any], *, user: Any, cid: str = "") -> Admi
 def start_rotation(*, user: Any, incident: Incident | None = None, cid: str = "") -> AdminJob:
     """Queue the re-encryption of every stored value under the primary key
     (superusers only; recorded on ``incident``'s timeline when it ends)."""
-    job = AdminJob.objects.create(
-        action="rotate_keys",
-        target_ids=[str(incident.pk)] if incident is not None else [],
-        total=rotation_pending_count(),
-        requested_by=user if getattr(user, "is_authenticated", False) else None,
-        cid=(cid or current_cid())[:255],
-    )
-    transaction.on_commit(lambda: _publish(job.pk))
-    return job
+    target = [str(incident.pk)] if incident is not None else []
+    # Always in a worker: a rotation outlasts any request.
+    return _launch("rotate_keys", target, rotation_pending_count(), user, cid, inline=False)
 
 
 def start_notify(incident: Incident, *, user: Any, cid: str = "") -> AdminJob:
     """Notify the incident's affected owners: at once for a small scope,
     else in a worker."""
-    job = AdminJob.objects.create(
-        action="notify",
-        target_ids=[str(incident.pk)],
-        total=scope_queryset(incident).values("owner_id").distinct().count(),
-        requested_by=user if getattr(user, "is_authenticated", False) else None,
-        cid=(cid or current_cid())[:255],
-    )
-    if job.total <= int(mailgov_settings.ADMIN_INLINE_ROWS):
-        run_job(job.pk)
-        job.refresh_from_db()
-    else:
-        transaction.on_commit(lambda: _publish(job.pk))
-    return job
+    owners = scope_queryset(incident).values("owner_id").distinct().count()
+    return _launch("notify", [str(incident.pk)], owners, user, cid)
 
 
 def start_containment(incident: Incident, *, user: Any, cid: str = "") -> tuple[dict, AdminJob]:
@@ -273,19 +265,8 @@ def start_containment(incident: Incident, *, user: Any, cid: str = "") -> tuple[
         # Contained already (maybe since resolved): finish what a failed or
         # lost job left, without switching anything on again.
         counts = {"already": 1}
-    job = AdminJob.objects.create(
-        action="contain",
-        target_ids=[str(incident.pk)],
-        total=contained_unrevoked(incident).count(),
-        requested_by=user if getattr(user, "is_authenticated", False) else None,
-        cid=(cid or current_cid())[:255],
-    )
-    if job.total <= int(mailgov_settings.ADMIN_INLINE_ROWS):
-        run_job(job.pk)
-        job.refresh_from_db()
-    else:
-        transaction.on_commit(lambda: _publish(job.pk))
-    return counts, job
+    rows = contained_unrevoked(incident).count()
+    return counts, _launch("contain", [str(incident.pk)], rows, user, cid)
 
 
 def _publish(job_id: Any) -> None:

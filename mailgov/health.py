@@ -10,22 +10,24 @@ mailgov imports it. A site wires it in its urls (the demo's project/urls.py):
   database or broker outage never makes an orchestrator restart every web
   process (which would not cure the outage).
 * ``/health/ready``: :data:`READINESS_CHECKS`: the database, the cache, the
-  Celery broker reachable, the sweeps running (beat's heartbeat, proof that
-  a worker runs what beat schedules), the encryption keyring loadable. Any
-  failure answers 503 with one plain line per check, e.g.
+  Celery broker reachable, a worker answering a ping, the sweeps running
+  (beat's heartbeat), the encryption keyring loadable. Any failure answers
+  503 with one plain line per check, e.g.
   ``Broker: Unavailable: broker not reachable (ConnectionRefusedError)``.
 
 Reasons never carry a URL, a password or key material: the broker URL may
 hold credentials, and a key file's content is a secret.
 
-Why a heartbeat rather than ``celery inspect ping``: the ping is a
-broadcast that every worker answers (N workers, N replies, each readiness
-probe of each web process), waits its whole timeout when a worker is slow,
-and needs a transport with fanout and reply queues. The sweep
-``mailgov.dispatch_outbox`` runs every few seconds, scheduled by beat and
-executed by a worker, and records ``SweepLock.last_finished_at``: recent
-means beat and at least one worker are alive and reach the database.
-``health_check.contrib.celery.Ping`` can still be added to a site's list.
+Two checks for the background work, because they fail differently:
+
+* :class:`WorkerPing` (django-health-check's ``Ping``, limited to the first
+  reply): some worker is consuming the broker now. It fails at once when
+  the last worker stops, but says nothing of beat.
+* :class:`SweepHeartbeat`: the sweep ``mailgov.dispatch_outbox`` runs every
+  few seconds, scheduled by beat and executed by a worker, and records
+  ``SweepLock.last_finished_at``. Recent means beat is alive and a worker
+  runs what it schedules and reaches the database. With the ping passing, a
+  stale heartbeat points at beat (or at workers too busy to sweep).
 """
 
 from __future__ import annotations
@@ -36,12 +38,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import celery
+from celery.app import app_or_default
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views import View
 from health_check.base import HealthCheck
 from health_check.checks import Cache, Database
+from health_check.contrib.celery import Ping
 from health_check.exceptions import ServiceUnavailable
 from health_check.views import HealthCheckView
 from kombu import Connection
@@ -58,6 +63,7 @@ __all__ = [
     "LivenessView",
     "ReadinessView",
     "SweepHeartbeat",
+    "WorkerPing",
 ]
 
 
@@ -106,6 +112,34 @@ class Broker(HealthCheck):
                 raise ServiceUnavailable(
                     f"filesystem broker: {key} is not writable ({type(exc).__name__})"
                 ) from exc
+
+
+@dataclasses.dataclass
+class WorkerPing(Ping):
+    """At least one Celery worker answers a ping within ``timeout``.
+
+    ``limit=1``: the broadcast returns at the first reply, so a probe costs
+    one round trip however many workers run, and waits the whole timeout
+    only when none answers. Unlike the parent class it does not then ask
+    the answering worker for its queues: one worker need not consume every
+    queue when several share the work.
+    """
+
+    app: celery.Celery = dataclasses.field(default_factory=app_or_default, repr=False)
+    timeout: datetime.timedelta = dataclasses.field(
+        default=datetime.timedelta(seconds=1), repr=False
+    )
+    limit: int | None = dataclasses.field(default=1, repr=False)
+
+    def run(self) -> None:
+        seconds = self.timeout.total_seconds()
+        try:
+            replies = self.app.control.ping(timeout=seconds, limit=self.limit)
+        except Exception as exc:
+            # kombu's errors may quote the broker URL: name the type only.
+            raise ServiceUnavailable(f"could not ping workers ({type(exc).__name__})") from exc
+        if not any(self.CORRECT_PING_RESPONSE in reply.values() for reply in replies or []):
+            raise ServiceUnavailable(f"no Celery worker answered a ping within {seconds:g} s")
 
 
 @dataclasses.dataclass
@@ -169,7 +203,7 @@ class Keyring(HealthCheck):
 
 
 #: What ``/health/ready`` checks, in order.
-READINESS_CHECKS = (Database, Cache, Broker, SweepHeartbeat, Keyring)
+READINESS_CHECKS = (Database, Cache, Broker, WorkerPing, SweepHeartbeat, Keyring)
 
 
 class ReadinessView(HealthCheckView):

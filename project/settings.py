@@ -51,6 +51,11 @@ def env_list(name: str, default: list[str]) -> list[str]:
 # The demo runs with DEBUG on; a deployment sets DJANGO_DEBUG=0 (see "Deploying"
 # in the README), which turns on the production security settings below.
 DEBUG = env_flag("DJANGO_DEBUG", True)
+# The demo's parts (its provider, the authorization server `make demo` starts
+# on this host; its sender address) only in the demo: with DJANGO_DEBUG=0
+# the demo provider is neither a mailgov provider nor a sign-in button,
+# unless MAILGOV_DEMO=1 asks for it.
+DEMO = env_flag("MAILGOV_DEMO", DEBUG)
 if os.environ.get("DJANGO_SECRET_KEY_FILE"):  # a secret mount
     SECRET_KEY = Path(os.environ["DJANGO_SECRET_KEY_FILE"]).read_text().strip()
 elif os.environ.get("DJANGO_SECRET_KEY"):
@@ -213,7 +218,9 @@ if os.environ.get("DJANGO_SECURE_PROXY_SSL_HEADER"):
 EMAIL_BACKEND = "mailgov.backends.smtp.EmailBackend"
 # The queued backend (mailgov.backends.queued) stores each message in the
 # outbox, in the caller's transaction, for the Celery workers to send.
-DEFAULT_FROM_EMAIL = "alice@example.test"
+DEFAULT_FROM_EMAIL = os.environ.get("DJANGO_DEFAULT_FROM_EMAIL") or (
+    "alice@example.test" if DEMO else "webmaster@localhost"
+)
 
 # --- mailgov ---------------------------------------------------------------
 MAILGOV_ENCRYPTION_KEYS_FILE = os.environ.get(
@@ -223,8 +230,9 @@ AUTHSERVER_URL = os.environ.get("MAILGOV_AUTHSERVER_URL", "http://127.0.0.1:8001
 DEMO_SMTP_PORT = int(os.environ.get("MAILGOV_DEMO_SMTP_PORT", "8025"))
 DEMO_TLS_DIR = Path(os.environ.get("MAILGOV_DEMO_TLS_DIR", VAR_DIR / "tls"))
 DEMO_MAILDIR = Path(os.environ.get("MAILGOV_DEMO_MAILDIR", VAR_DIR / "mail"))
-MAILGOV_PROVIDERS = {
-    "demo": {
+MAILGOV_PROVIDERS = {}
+if DEMO:
+    MAILGOV_PROVIDERS["demo"] = {
         "type": "oidc",
         "name": "Demo identity provider",
         "server_url": AUTHSERVER_URL,
@@ -239,8 +247,7 @@ MAILGOV_PROVIDERS = {
         "smtp_security": "starttls",
         # The demo trusts the locally generated CA alone.
         "ca_bundle": str(DEMO_TLS_DIR / "ca.pem"),
-    },
-}
+    }
 DEMO_REDIRECT_URI = os.environ.get(
     "MAILGOV_DEMO_REDIRECT_URI", "http://127.0.0.1:8000/demo/oauth/callback/"
 )
@@ -339,7 +346,9 @@ SOCIALACCOUNT_PROVIDERS = {
                     "scope": IDENTITY_SCOPES,
                 },
             }
-        ],
+        ]
+        if DEMO
+        else [],
     },
     "google": {
         "OAUTH_PKCE_ENABLED": True,
@@ -362,10 +371,30 @@ for _provider_id, _allauth_id in (("google", "google"), ("microsoft", "microsoft
             "client_secret": _app_config["secret"],
             **({"tenant": "organizations"} if _provider_id == "microsoft" else {}),
         }
-# The demo's owner notices go to the console: its only SMTP server accepts
-# mail from connected mailboxes, and there is no system mailbox.
-MAILGOV_NOTIFICATION_BACKEND = "django.core.mail.backends.console.EmailBackend"
-MAILGOV_SECURITY_CONTACT = "security@example.test"
+# Owner notices (re-consent needed, incident notices) go out from the site's
+# own system mailbox, over plain SMTP with a password or relay: not through
+# mailgov's backend, which sends as connected users only. The demo prints
+# them to the console: its only SMTP server accepts mail from connected
+# mailboxes, and there is no system mailbox.
+MAILGOV_NOTIFICATION_BACKEND = os.environ.get("MAILGOV_NOTIFICATION_BACKEND") or (
+    "django.core.mail.backends.console.EmailBackend"
+    if DEBUG
+    else "django.core.mail.backends.smtp.EmailBackend"
+)
+MAILGOV_NOTIFICATION_FROM = os.environ.get("MAILGOV_NOTIFICATION_FROM") or None
+MAILGOV_SITE_URL = os.environ.get("MAILGOV_SITE_URL") or None
+MAILGOV_SECURITY_CONTACT = os.environ.get("MAILGOV_SECURITY_CONTACT", "security@example.test")
+# Django's SMTP backend (the notices' default in production) reads these.
+EMAIL_HOST = os.environ.get("DJANGO_EMAIL_HOST", "localhost")
+EMAIL_PORT = int(os.environ.get("DJANGO_EMAIL_PORT", "587"))
+EMAIL_HOST_USER = os.environ.get("DJANGO_EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("DJANGO_EMAIL_HOST_PASSWORD") or (
+    Path(os.environ["DJANGO_EMAIL_HOST_PASSWORD_FILE"]).read_text().strip()
+    if os.environ.get("DJANGO_EMAIL_HOST_PASSWORD_FILE")
+    else ""
+)
+EMAIL_USE_TLS = env_flag("DJANGO_EMAIL_USE_TLS", EMAIL_PORT == 587)
+EMAIL_USE_SSL = env_flag("DJANGO_EMAIL_USE_SSL", EMAIL_PORT == 465)
 # The consent and mailbox pages extend the demo's own base template
 # (templates/base.html): its header, navigation and sign-out.
 MAILGOV_BASE_TEMPLATE = "base.html"

@@ -34,17 +34,34 @@ def ready(client):
     return response.status_code, response.content.decode()
 
 
-def test_ready_when_everything_works(client, heartbeat):
+@pytest.fixture
+def worker_answers(monkeypatch):
+    """A worker answers the ping (the real round trip through a broker, with
+    real workers, is tested in test_workers.py)."""
+    from project.celery import app
+
+    monkeypatch.setattr(app.control, "ping", lambda timeout, limit: [{"w0@host": {"ok": "pong"}}])
+
+
+def test_ready_when_everything_works(client, heartbeat, worker_answers):
     status, text = ready(client)
     assert status == 200, text
     assert text.splitlines() == [
         "Database(alias='default'): OK",
         "Cache(alias='default'): OK",
         "Broker(): OK",
+        "WorkerPing(): OK",
         f"SweepHeartbeat(sweep='{SWEEP}'): OK",
         "Keyring(): OK",
     ]
     assert client.get("/health/ready?format=json").json()["Keyring()"] == "OK"
+
+
+def test_no_worker_fails_readiness(client, heartbeat):
+    status, text = ready(client)
+    assert status == 503
+    assert "WorkerPing(): Unavailable: no Celery worker answered a ping within 1 s" in text
+    assert "Broker(): OK" in text
 
 
 def test_unreachable_broker_fails_readiness_without_its_url(client, heartbeat, settings):
@@ -84,7 +101,7 @@ def test_unreadable_key_file_fails_readiness(client, heartbeat, settings, tmp_pa
     assert "no-such-keys" not in text
 
 
-def test_stale_sweep_heartbeat_fails_readiness(client, heartbeat):
+def test_stale_sweep_heartbeat_fails_readiness(client, heartbeat, worker_answers):
     """A stale heartbeat fails readiness: queued mail would wait forever.
     Six periods of slack (one minute for the 10-second dispatch sweep)."""
     heartbeat(ago=50)

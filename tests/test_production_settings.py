@@ -141,6 +141,60 @@ def test_production_settings_come_from_the_environment(tmp_path):
 
 
 @pytest.mark.slow
+def test_production_offers_no_demo_provider_and_mails_notices_over_smtp(tmp_path):
+    """A deployment never shows the demo's sign-in button nor trusts its local
+    authorization server; owner notices go out over the site's SMTP relay."""
+    password_file = tmp_path / "smtp-password"
+    password_file.write_text("relay-pw\n")
+    env = production_env(
+        tmp_path,
+        DJANGO_EMAIL_HOST="smtp.relay.example.com",
+        DJANGO_EMAIL_HOST_USER="notices",
+        DJANGO_EMAIL_HOST_PASSWORD_FILE=str(password_file),
+        DJANGO_DEFAULT_FROM_EMAIL="notices@example.com",
+        MAILGOV_SITE_URL="https://mail.example.com",
+    )
+    names = (
+        "DEMO",
+        "MAILGOV_PROVIDERS",
+        "SOCIALACCOUNT_PROVIDERS",
+        "MAILGOV_NOTIFICATION_BACKEND",
+        "MAILGOV_SITE_URL",
+        "DEFAULT_FROM_EMAIL",
+        "EMAIL_HOST",
+        "EMAIL_PORT",
+        "EMAIL_HOST_USER",
+        "EMAIL_HOST_PASSWORD",
+        "EMAIL_USE_TLS",
+        "EMAIL_USE_SSL",
+    )
+    values = settings_of(env, *names)
+    assert values["DEMO"] is False
+    assert values["MAILGOV_PROVIDERS"] == {}
+    assert values["SOCIALACCOUNT_PROVIDERS"]["openid_connect"]["APPS"] == []
+    assert not (tmp_path / "var" / "demo-client-secret").exists()
+    assert values["MAILGOV_NOTIFICATION_BACKEND"] == "django.core.mail.backends.smtp.EmailBackend"
+    assert values["MAILGOV_SITE_URL"] == "https://mail.example.com"
+    assert values["DEFAULT_FROM_EMAIL"] == "notices@example.com"
+    assert (values["EMAIL_HOST"], values["EMAIL_PORT"]) == ("smtp.relay.example.com", 587)
+    assert (values["EMAIL_HOST_USER"], values["EMAIL_HOST_PASSWORD"]) == ("notices", "relay-pw")
+    assert (values["EMAIL_USE_TLS"], values["EMAIL_USE_SSL"]) == (True, False)
+
+    # Google and Microsoft from the environment; the demo only when asked for.
+    with_google = settings_of(
+        {
+            **env,
+            "GOOGLE_CLIENT_ID": "g-id",
+            "GOOGLE_CLIENT_SECRET": "g-secret",
+            "MAILGOV_DEMO": "1",
+        },
+        "MAILGOV_PROVIDERS",
+    )["MAILGOV_PROVIDERS"]
+    assert sorted(with_google) == ["demo", "google"]
+    assert with_google["google"]["client_id"] == "g-id"
+
+
+@pytest.mark.slow
 def test_production_mode_refuses_to_invent_a_secret_key(tmp_path):
     env = production_env(tmp_path)
     del env["DJANGO_SECRET_KEY"]
@@ -155,13 +209,22 @@ def test_the_demo_defaults_are_unchanged(tmp_path):
     env = production_env(tmp_path)
     for name in ("DJANGO_DEBUG", "DJANGO_SECRET_KEY", "DJANGO_ALLOWED_HOSTS"):
         del env[name]
-    values = settings_of(env, "DEBUG", "ALLOWED_HOSTS", "SECURE_SSL_REDIRECT", "X_FRAME_OPTIONS")
+    values = settings_of(
+        env,
+        "DEBUG",
+        "ALLOWED_HOSTS",
+        "SECURE_SSL_REDIRECT",
+        "X_FRAME_OPTIONS",
+        "MAILGOV_NOTIFICATION_BACKEND",
+    )
     assert values == {
         "DEBUG": True,
         "ALLOWED_HOSTS": ["127.0.0.1", "localhost"],
         "SECURE_SSL_REDIRECT": None,
         "X_FRAME_OPTIONS": "DENY",
+        "MAILGOV_NOTIFICATION_BACKEND": "django.core.mail.backends.console.EmailBackend",
     }
+    assert sorted(settings_of(env, "MAILGOV_PROVIDERS")["MAILGOV_PROVIDERS"]) == ["demo"]
 
 
 def csp_directives(header: str) -> dict[str, list[str]]:

@@ -384,3 +384,20 @@ def test_contain_and_a_governance_job_run_by_a_worker_as_the_admin(
         "the revocation at the provider",
     )
     assert refresh_token_state(authserver, tokens[bob.pk]) == "live"
+
+
+def test_readiness_pings_the_workers(workers, client, settings):
+    """/health/ready's WorkerPing answers OK while a worker consumes the
+    broker, and fails, naming no URL, as soon as the last one stops."""
+    settings.CELERY_BROKER_URL = app.conf.broker_url
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = app.conf.broker_transport_options
+
+    def worker_line() -> str:
+        text = client.get("/health/ready").content.decode()
+        return next(line for line in text.splitlines() if line.startswith("WorkerPing"))
+
+    assert worker_line() == "WorkerPing(): Unavailable: no Celery worker answered a ping within 1 s"
+    (worker,) = workers(1)
+    assert worker_line() == "WorkerPing(): OK"
+    worker.stop()
+    assert worker_line().startswith("WorkerPing(): Unavailable: no Celery worker answered")

@@ -1,0 +1,475 @@
+"""A TCP proxy that adds network latency, for tests and benchmarks (standard library only).
+
+Local peers answer in microseconds, so a client that pays a round trip per command looks
+as fast as one that pipelines. :class:`LatencyProxy` puts a link with a one-way ``delay``
+between a client and a target server, so that latency, not bandwidth, dominates as it
+does on a real network, and counts the round trips the client paid for::
+
+    with LatencyProxy("127.0.0.1", smtp_port, delay=0.010) as proxy:
+        send_through("127.0.0.1", proxy.port)
+        print(proxy.stats.round_trips)
+
+Contract:
+
+- **Delay, in order.** Every chunk read from one side is written to the other side
+  ``delay`` seconds after it was read, never sooner, and never reordered (one FIFO per
+  direction, each chunk stamped with its due time). Writes the client sends back to back
+  (a pipelined SMTP flight) therefore all arrive about one delay later, not one delay
+  each. There is no bandwidth limit: what is in flight is buffered without bound.
+- **Changing the delay** while running is allowed; it applies to data read afterwards.
+  A chunk never overtakes an earlier one, so shortening the delay takes effect once the
+  data read before the change has gone out.
+- **Connection setup.** The client's ``connect()`` to the proxy returns at once, so the
+  proxy charges the handshake afterwards: it opens the upstream connection at once but
+  forwards nothing, either way, until ``connect_round_trips * 2 * delay`` after it
+  accepted (TCP's SYN and SYN-ACK). A server greeting therefore reaches the client
+  ``(2 * connect_round_trips + 1) * delay`` after connect: 1.5 round trips by default.
+- **Half-close and close.** An end of file from one side is forwarded after the data
+  queued before it, with the same delay, as a half-close (``shutdown(SHUT_WR)``); once
+  both directions have ended, both sockets are closed. An error on either side (a reset,
+  a broken pipe) aborts both. A target that refuses the connection makes the proxy drop
+  the client's connection, after the handshake time; the proxy goes on serving.
+- **Lifecycle.** ``start()`` binds in the caller's thread (a bind error is raised there)
+  and serves from one asyncio event loop in a daemon thread; ``stop()`` closes the
+  listener and every connection, and joins the thread: nothing keeps running after it.
+
+Statistics (:class:`ProxyStats`, a snapshot taken under a lock) count request/response
+*turns as seen at the proxy*, which is what an SMTP client pays for. Data is attributed
+when the proxy reads it:
+
+- a **flight** is a maximal run of chunks in one direction on one connection
+  (``flights_up`` client to server, ``flights_down`` server to client);
+- a **round trip** is a downstream flight that follows an upstream one, plus
+  ``connect_round_trips`` per connection for the handshake. A server greeting is a
+  downstream flight with no upstream flight before it: it is part of connection setup,
+  not a round trip of its own.
+
+So an SMTP session that sends EHLO, MAIL, RCPT, DATA, the message and QUIT one command
+at a time counts 1 + 6 round trips; with PIPELINING (MAIL, RCPT and DATA in one flight)
+it counts 1 + 4.
+
+Run it as a program in front of a real server::
+
+    python -m mailgov.testing.latency --listen 127.0.0.1:2525 \\
+        --target smtp.example.com:587 --delay-ms 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from types import TracebackType
+
+__all__ = ["LatencyProxy", "ProxyStats", "main"]
+
+logger = logging.getLogger(__name__)
+
+# Read size per chunk: large enough that bulk data costs few wake-ups.
+READ_SIZE = 64 * 1024
+
+_UP = "up"  # client to server
+_DOWN = "down"  # server to client
+
+_thread_numbers = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class ProxyStats:
+    """Counters of a :class:`LatencyProxy` since it was created or ``reset_stats()`` last ran.
+
+    ``round_trips`` includes ``connect_round_trips`` per accepted connection; bytes and
+    flights are counted when the proxy reads them (see the module docstring).
+    """
+
+    connections: int = 0
+    round_trips: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    flights_up: int = 0
+    flights_down: int = 0
+
+
+_STAT_NAMES = tuple(field.name for field in fields(ProxyStats))
+
+
+class _Turns:
+    """Which way the last chunk of one connection went (touched by the loop thread only)."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+
+
+class LatencyProxy:
+    """A TCP proxy that delays each direction by a one-way delay, keeping byte order."""
+
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        delay: float = 0.010,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        connect_round_trips: int = 1,
+    ) -> None:
+        if connect_round_trips < 0:
+            raise ValueError(f"connect_round_trips must be >= 0, not {connect_round_trips!r}")
+        self.target_host = target_host
+        self.target_port = target_port
+        self.delay = delay
+        self.host = host
+        self.port = port
+        self.connect_round_trips = connect_round_trips
+        self._stats_lock = threading.Lock()
+        self._counters = dict.fromkeys(_STAT_NAMES, 0)
+        self._lifecycle_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        # Loop-thread state: the connection handlers, and the accepted sockets that no
+        # transport owns yet (a handler cancelled before its first step closes nothing).
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepted: set[socket.socket] = set()
+
+    # -- configuration and statistics ----------------------------------------------------
+
+    @property
+    def delay(self) -> float:
+        """The one-way delay in seconds; may be changed while running."""
+        return self._delay
+
+    @delay.setter
+    def delay(self, value: float) -> None:
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"delay must be a finite number of seconds >= 0, not {value!r}")
+        # A float assignment is atomic: the loop thread reads it for each chunk.
+        self._delay = value
+
+    @property
+    def stats(self) -> ProxyStats:
+        """A consistent snapshot of the counters."""
+        with self._stats_lock:
+            return ProxyStats(**self._counters)
+
+    def reset_stats(self) -> None:
+        """Set every counter to zero (connections already open keep being counted)."""
+        with self._stats_lock:
+            self._counters = dict.fromkeys(self._counters, 0)
+
+    def _count(self, **increments: int) -> None:
+        with self._stats_lock:
+            for name, increment in increments.items():
+                self._counters[name] += increment
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True between ``start()`` and ``stop()``."""
+        return self._thread is not None
+
+    def start(self) -> LatencyProxy:
+        """Bind the listener, start serving in a background thread and return ``self``.
+
+        Raises ``OSError`` at once if the address cannot be bound, ``RuntimeError`` if
+        already running. ``port`` holds the bound port afterwards.
+        """
+        with self._lifecycle_lock:
+            if self._thread is not None:
+                raise RuntimeError("LatencyProxy is already running")
+            listener = _bind(self.host, self.port)
+            try:
+                self.port = listener.getsockname()[1]
+                listener.setblocking(False)
+                loop = asyncio.new_event_loop()
+            except BaseException:
+                listener.close()
+                raise
+            # Created here, not in the thread, so that stop() can always reach it; an
+            # asyncio.Event binds to a loop only when first awaited.
+            stopping = asyncio.Event()
+            thread = threading.Thread(
+                target=self._run,
+                args=(loop, listener, stopping),
+                name=f"LatencyProxy-{next(_thread_numbers)}",
+                daemon=True,
+            )
+            self._loop, self._stopping, self._thread = loop, stopping, thread
+            thread.start()
+            return self
+
+    def stop(self) -> None:
+        """Close the listener and every connection, and join the thread; idempotent."""
+        with self._lifecycle_lock:
+            thread, loop, stopping = self._thread, self._loop, self._stopping
+            if thread is None or loop is None or stopping is None:
+                return
+            # The loop is closed already if the thread died; then there is nothing to wake.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stopping.set)
+            thread.join()
+            self._thread = self._loop = self._stopping = None
+
+    def __enter__(self) -> LatencyProxy:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return (
+            f"<LatencyProxy {self.host}:{self.port} -> {self.target_host}:{self.target_port} "
+            f"delay={self.delay * 1000:g}ms>"
+        )
+
+    # -- the loop thread -------------------------------------------------------------------
+
+    def _run(
+        self, loop: asyncio.AbstractEventLoop, listener: socket.socket, stopping: asyncio.Event
+    ) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._serve(listener, stopping))
+        except Exception:
+            logger.exception("LatencyProxy stopped on an unexpected error")
+        finally:
+            listener.close()
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+
+    async def _serve(self, listener: socket.socket, stopping: asyncio.Event) -> None:
+        accepting = asyncio.create_task(self._accept(listener))
+        try:
+            await stopping.wait()
+        finally:
+            accepting.cancel()
+            await asyncio.gather(accepting, return_exceptions=True)
+            listener.close()
+            # A handler may still be opening its connections: cancel until none is left.
+            while self._tasks:
+                tasks = list(self._tasks)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            for sock in self._accepted:
+                sock.close()
+            self._accepted.clear()
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, _ = await loop.sock_accept(listener)
+            except OSError as exc:
+                # Out of file descriptors, say: keep serving the connections we have.
+                logger.warning("LatencyProxy could not accept a connection: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            self._accepted.add(client)
+            task = loop.create_task(self._handle(client))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, client_sock: socket.socket) -> None:
+        """Serve one client connection until both directions end, an error, or stop()."""
+        loop = asyncio.get_running_loop()
+        self._count(connections=1, round_trips=self.connect_round_trips)
+        forwarding_at = loop.time() + self.connect_round_trips * 2 * self.delay
+        writers: list[asyncio.StreamWriter] = []
+        clean = False
+        try:
+            client_reader, client_writer = await asyncio.open_connection(
+                sock=client_sock, limit=READ_SIZE
+            )
+            self._accepted.discard(client_sock)  # its transport owns it now
+            writers.append(client_writer)
+            try:
+                server_reader, server_writer = await asyncio.open_connection(
+                    self.target_host, self.target_port, limit=READ_SIZE
+                )
+            except OSError as exc:
+                logger.info(
+                    "LatencyProxy could not reach %s:%s: %s",
+                    self.target_host,
+                    self.target_port,
+                    exc,
+                )
+                # A refusal reaches a real client after the handshake's round trip.
+                await _sleep_until(loop, forwarding_at)
+                return
+            writers.append(server_writer)
+            await _sleep_until(loop, forwarding_at)
+            turns = _Turns()
+            upstream: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+            downstream: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._read(client_reader, upstream, _UP, turns))
+                group.create_task(self._write(upstream, server_writer))
+                group.create_task(self._read(server_reader, downstream, _DOWN, turns))
+                group.create_task(self._write(downstream, client_writer))
+            clean = True
+        except* (OSError, EOFError) as group:
+            # A reset or a broken pipe on either side: drop both (``clean`` stays False).
+            logger.debug("LatencyProxy connection failed: %r", group.exceptions)
+        finally:
+            for writer in writers:
+                if clean:
+                    writer.close()
+                else:
+                    writer.transport.abort()
+            for writer in writers:
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+            self._accepted.discard(client_sock)
+            client_sock.close()
+
+    async def _read(
+        self,
+        reader: asyncio.StreamReader,
+        queue: asyncio.Queue[tuple[float, bytes]],
+        direction: str,
+        turns: _Turns,
+    ) -> None:
+        """Stamp each chunk read with its due time and queue it; an empty chunk is EOF."""
+        loop = asyncio.get_running_loop()
+        while True:
+            chunk = await reader.read(READ_SIZE)
+            queue.put_nowait((loop.time() + self.delay, chunk))
+            if not chunk:
+                return
+            self._record(direction, len(chunk), turns)
+
+    def _record(self, direction: str, size: int, turns: _Turns) -> None:
+        new_flight = turns.last != direction
+        if direction == _UP:
+            self._count(bytes_up=size, flights_up=int(new_flight))
+        else:
+            # A reply flight answers the request flight before it; a greeting answers none.
+            answered = new_flight and turns.last == _UP
+            self._count(bytes_down=size, flights_down=int(new_flight), round_trips=int(answered))
+        turns.last = direction
+
+    async def _write(
+        self, queue: asyncio.Queue[tuple[float, bytes]], writer: asyncio.StreamWriter
+    ) -> None:
+        """Write each queued chunk at its due time, in order; forward EOF as a half-close."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due, chunk = await queue.get()
+            await _sleep_until(loop, due)
+            if not chunk:
+                if writer.can_write_eof():
+                    writer.write_eof()
+                return
+            writer.write(chunk)
+            await writer.drain()
+
+
+async def _sleep_until(loop: asyncio.AbstractEventLoop, when: float) -> None:
+    # A timer may fire a hair early; the delay is a lower bound, so check and sleep again.
+    while (remaining := when - loop.time()) > 0:
+        await asyncio.sleep(remaining)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket, bound in the caller's thread so that errors surface at once."""
+    family, _, _, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    return socket.create_server(address[:2], family=family)
+
+
+# --- command line -----------------------------------------------------------------------
+
+
+def _address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT``."""
+    host, separator, port = value.rpartition(":")
+    if not separator or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError("expected HOST:PORT")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mailgov.testing.latency",
+        description="TCP proxy that delays each direction by a one-way delay.",
+    )
+    parser.add_argument(
+        "--listen",
+        type=_address,
+        default=("127.0.0.1", 0),
+        metavar="HOST:PORT",
+        help="where clients connect (default 127.0.0.1 and a free port)",
+    )
+    parser.add_argument("--target", type=_address, required=True, metavar="HOST:PORT")
+    parser.add_argument(
+        "--delay-ms", type=float, default=10.0, help="one-way delay (default 10, RTT 20)"
+    )
+    parser.add_argument(
+        "--connect-round-trips",
+        type=int,
+        default=1,
+        help="round trips charged for connection setup (default 1, TCP's handshake)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the proxy until SIGINT or SIGTERM, print its counters, return the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    (host, port), (target_host, target_port) = args.listen, args.target
+    try:
+        proxy = LatencyProxy(
+            target_host,
+            target_port,
+            args.delay_ms / 1000,
+            host=host,
+            port=port,
+            connect_round_trips=args.connect_round_trips,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    stop_requested = threading.Event()
+
+    def _request_stop(signum: int, frame: object) -> None:
+        stop_requested.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _request_stop)
+    with proxy:
+        print(
+            f"Latency proxy listening on {proxy.host}:{proxy.port}, forwarding to "
+            f"{target_host}:{target_port} with {args.delay_ms:g} ms each way",
+            flush=True,
+        )
+        stop_requested.wait()
+    print(proxy.stats, flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -29,7 +29,9 @@ not verify, or a login refused even after a forced refresh.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
+import re
 import smtplib
 import ssl
 import time
@@ -83,6 +85,116 @@ ResultCallback = Callable[[PreparedMessage, BaseException | None, dict[str, Any]
 TRANSPORT_ERRORS = (smtplib.SMTPException, OSError, ProviderUnavailableError)
 #: Never hidden, even though some subclass the transport errors above.
 NEVER_SILENT = (SMTPSecurityError, SMTPAuthenticationRejected, ssl.SSLError)
+
+
+# --- SMTP PIPELINING (RFC 2920) ------------------------------------------------
+
+
+def _quote_periods(data: bytes) -> bytes:
+    """RFC 5321 4.5.2 dot-stuffing, and the end-of-data line."""
+    data = re.sub(rb"(?m)^\.", b"..", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data + b".\r\n"
+
+
+def _command(verb: str, argument: str) -> str:
+    line = f"{verb} {argument}"
+    if "\r" in line or "\n" in line:
+        # prepare_message() refuses such addresses already; a second fence
+        # because a CR/LF here would inject a command into the flight.
+        raise InvalidMessageError("An SMTP command may not contain a line break; nothing was sent.")
+    return line + "\r\n"
+
+
+def _end_transaction(connection: smtplib.SMTP, code: int) -> None:
+    """After a refused transaction: RSET, or close on 421 (the server is
+    closing the channel). A connection already gone is left closed."""
+    if code == 421:
+        connection.close()
+        return
+    with contextlib.suppress(smtplib.SMTPServerDisconnected):
+        connection.rset()
+
+
+def pipelined_sendmail(
+    connection: smtplib.SMTP,
+    from_addr: str,
+    to_addrs: Sequence[str],
+    msg: bytes,
+    mail_options: Sequence[str] = (),
+) -> dict[str, tuple[int, bytes]]:
+    """``smtplib.SMTP.sendmail`` with PIPELINING: two round trips a message.
+
+    MAIL FROM, every RCPT TO and DATA go out in one write; their replies are
+    read in order. Then the content and its end in a second write, and its
+    reply. Returns, and raises, exactly as ``sendmail`` does:
+    ``{recipient: (code, reply)}`` of refused recipients when the message
+    was accepted for the others; :class:`smtplib.SMTPSenderRefused`,
+    :class:`smtplib.SMTPRecipientsRefused` (none accepted) or
+    :class:`smtplib.SMTPDataError`, after an RSET (or a close on 421), when
+    it was not.
+
+    The caller checks that the server advertised PIPELINING after TLS
+    (RFC 2920 forbids pipelining STARTTLS, and AUTH is never pipelined: the
+    token is sent only once the server has answered everything before it).
+    """
+    options = []
+    if connection.has_extn("size"):
+        options.append(f"SIZE={len(msg)}")
+    options.extend(mail_options)
+    if any(option.lower() == "smtputf8" for option in options):
+        if not connection.has_extn("smtputf8"):
+            raise smtplib.SMTPNotSupportedError("SMTPUTF8 not supported by server")
+        connection.command_encoding = "utf-8"
+    suffix = "".join(" " + option for option in options)
+    flight = [_command("MAIL", f"FROM:{smtplib.quoteaddr(from_addr)}{suffix}")]
+    flight += [_command("RCPT", f"TO:{smtplib.quoteaddr(rcpt)}") for rcpt in to_addrs]
+    flight.append("DATA\r\n")
+    connection.send("".join(flight))
+
+    # Every reply is read, whatever the earlier ones said: the server answers
+    # each command of the flight, and an unread reply would be taken for the
+    # answer to the next command.
+    mail_code, mail_reply = connection.getreply()
+    if mail_code == 421:
+        # The server closes the channel: nothing more will be answered.
+        connection.close()
+        raise smtplib.SMTPSenderRefused(mail_code, mail_reply, from_addr)
+    refused: dict[str, tuple[int, bytes]] = {}
+    for rcpt in to_addrs:
+        code, reply = connection.getreply()
+        if code not in (250, 251):
+            refused[rcpt] = (code, reply)
+        if code == 421:
+            # The server closes the channel: nothing more will be answered.
+            connection.close()
+            raise smtplib.SMTPRecipientsRefused(refused)
+    data_code, data_reply = connection.getreply()
+
+    failure: smtplib.SMTPException | None = None
+    if mail_code != 250:
+        failure = smtplib.SMTPSenderRefused(mail_code, mail_reply, from_addr)
+    elif len(refused) == len(to_addrs):
+        failure = smtplib.SMTPRecipientsRefused(refused)
+    elif data_code != 354:
+        failure = smtplib.SMTPDataError(data_code, data_reply)
+    if failure is not None:
+        if data_code == 354:
+            # DATA was accepted although the transaction cannot go on (RFC
+            # 2920 3.1): end it with an empty message, which the server
+            # refuses for want of a sender or a recipient.
+            connection.send(b".\r\n")
+            connection.getreply()
+        _end_transaction(connection, data_code)
+        raise failure
+
+    connection.send(_quote_periods(msg))
+    code, reply = connection.getreply()
+    if code != 250:
+        _end_transaction(connection, code)
+        raise smtplib.SMTPDataError(code, reply)
+    return refused
 
 
 class EmailBackend(smtp.EmailBackend):
@@ -445,8 +557,8 @@ class EmailBackend(smtp.EmailBackend):
                     fail([item], exc)
                     continue
                 try:
-                    refused = self.connection.sendmail(item.from_addr, item.recipients, item.data)
-                except (smtplib.SMTPServerDisconnected, OSError) as exc:
+                    refused = self._sendmail(item)
+                except smtplib.SMTPServerDisconnected as exc:
                     # The connection is gone: the rest of the group fails too.
                     fail(items[index:], exc)
                     self.close()
@@ -454,10 +566,20 @@ class EmailBackend(smtp.EmailBackend):
                         raise
                     break
                 except smtplib.SMTPException as exc:
+                    # This message was refused; the transaction was reset (or,
+                    # on a 421, the connection closed: the next message then
+                    # raises SMTPServerDisconnected above). Before OSError:
+                    # SMTPException is one.
                     fail([item], exc)
                     if not self.fail_silently:
                         raise
                     continue
+                except OSError as exc:
+                    fail(items[index:], exc)
+                    self.close()
+                    if not self.fail_silently:
+                        raise
+                    break
                 now = timezone.now()
                 logs.append(
                     SendLog(
@@ -483,6 +605,15 @@ class EmailBackend(smtp.EmailBackend):
                 if isinstance(error, Exception):
                     logger.error("post_send receiver %r failed: %s", receiver, type(error).__name__)
         return sent
+
+    def _sendmail(self, item: PreparedMessage) -> dict[str, tuple[int, bytes]]:
+        """One SMTP transaction: pipelined when the server offers PIPELINING
+        (after TLS: the features of the last EHLO) and MAILGOV_SMTP_PIPELINING
+        is on; else ``smtplib``'s one command per round trip."""
+        connection = self.connection
+        if mailgov_settings.SMTP_PIPELINING and connection.has_extn("pipelining"):
+            return pipelined_sendmail(connection, item.from_addr, item.recipients, item.data)
+        return connection.sendmail(item.from_addr, item.recipients, item.data)
 
     def _record(self, logs: list[SendLog]) -> None:
         """Write the batch's send log in one transaction.

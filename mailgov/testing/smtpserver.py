@@ -132,8 +132,13 @@ class Faults:
     """Failure modes of the server; flip the attributes at any time while it runs.
 
     ``no_starttls`` and ``untrusted_certificate`` are read when a connection is accepted,
-    ``xoauth2_challenge`` and ``smtp_auth_disabled`` at each AUTH, and
-    ``close_after_data`` at the end of each DATA.
+    ``no_pipelining`` at each EHLO, ``xoauth2_challenge`` and ``smtp_auth_disabled`` at
+    each AUTH, ``close_at_rcpt`` at each RCPT and ``close_after_data`` at the end of each
+    DATA.
+
+    The server advertises PIPELINING (RFC 2920), as Gmail and Microsoft 365 do: aiosmtpd
+    reads commands from a stream and answers them in order, so a client may send MAIL,
+    RCPT and DATA in one write.
 
     - ``no_starttls``: STARTTLS is not offered and AUTH is advertised and accepted in the
       clear, so a test can prove the client refuses to send credentials anyway.
@@ -141,6 +146,11 @@ class Faults:
       (``TLSFiles.other_server_cert``).
     - ``xoauth2_challenge``: every AUTH XOAUTH2 is refused the Gmail way (334 with the JSON
       error, then 535) without asking the introspection endpoint.
+    - ``no_pipelining``: EHLO does not advertise PIPELINING (a server that does not
+      offer it), so a client must wait for each reply.
+    - ``close_at_rcpt``: the connection is dropped without a reply when a ``RCPT TO``
+      arrives (after ``MAIL FROM`` was answered): a server that goes away in the middle
+      of a pipelined flight.
     - ``close_after_data``: once the message data has been received the connection is
       dropped without a reply; the message goes to ``dropped_messages``, not ``messages``.
     - ``smtp_auth_disabled``: every AUTH XOAUTH2 gets Microsoft's ``535 5.7.139`` (SMTP
@@ -156,6 +166,8 @@ class Faults:
 
     no_starttls: bool = False
     untrusted_certificate: bool = False
+    no_pipelining: bool = False
+    close_at_rcpt: bool = False
     xoauth2_challenge: bool = False
     close_after_data: bool = False
     smtp_auth_disabled: bool = False
@@ -518,7 +530,11 @@ class _SubmissionHandler:
         session.host_name = hostname
         # No mechanism at all (no introspection, no password accounts): say nothing rather
         # than advertise an empty "AUTH" line.
-        return [line for line in responses if line.strip() != "250-AUTH"]
+        lines = [line for line in responses if line.strip() != "250-AUTH"]
+        if not self._owner.faults.no_pipelining:
+            # Before the last line ("250 HELP"), which ends the reply.
+            lines.insert(len(lines) - 1, "250-PIPELINING")
+        return lines
 
     async def handle_MAIL(
         self,
@@ -546,6 +562,10 @@ class _SubmissionHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        if self._owner.faults.close_at_rcpt:
+            assert isinstance(server, _SubmissionSMTP)
+            server.abort()
+            raise asyncio.CancelledError
         replies = {key.casefold(): value for key, value in self._owner.faults.rcpt_replies.items()}
         reply = replies.get(address.casefold())
         if reply:

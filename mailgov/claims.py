@@ -31,7 +31,7 @@ from django.utils import timezone
 from mailgov.conf import mailgov_settings
 from mailgov.exceptions import MailgovConfigurationError, ProviderChangedError
 from mailgov.freeze import block_of
-from mailgov.models import Mailbox, OutboxAttempt, OutboxMessage
+from mailgov.models import KeptConnection, Mailbox, OutboxAttempt, OutboxMessage
 from mailgov.outcomes import MAILBOX_HOLD_CODES
 from mailgov.providers import get_mailbox_provider
 from mailgov.throttling import allowance, quota_for
@@ -108,7 +108,7 @@ def claim_batch(
             if mailbox is None:  # deleted since
                 skip.add(head)
                 continue
-            room = _gate(mailbox, now)
+            room = _gate(mailbox, now, worker)
             if room is None:
                 skip.add(head)
                 continue
@@ -142,10 +142,10 @@ class Room(NamedTuple):
     recipients_per_day: int | None
 
 
-def _gate(mailbox: Mailbox, now: datetime) -> Room | None:
+def _gate(mailbox: Mailbox, now: datetime, worker: str = "") -> Room | None:
     """What may be claimed of ``mailbox``'s messages now (with its row
-    locked); ``None`` when nothing may, after holding or deferring its due
-    messages as the reason asks."""
+    locked) by ``worker``; ``None`` when nothing may, after holding or
+    deferring its due messages as the reason asks."""
     if mailbox.status != Mailbox.Status.ACTIVE:
         code = MAILBOX_HOLD_CODES.get(mailbox.status, "mailbox_unavailable")
         _hold_mailbox(mailbox, code, f"{code}: {mailbox.revocation_reason}", now)
@@ -188,7 +188,15 @@ def _gate(mailbox: Mailbox, now: datetime) -> Room | None:
         messages=Count("pk"),
         recipients=Sum("recipient_count"),
     )
-    if in_flight["claims"] >= quota.concurrency:
+    # Connections other workers keep open, idle, for this mailbox count too
+    # (the provider counts open connections); this worker's own would carry
+    # this claim.
+    kept = (
+        KeptConnection.objects.filter(mailbox=mailbox, expires_at__gt=now)
+        .exclude(holder=worker)
+        .count()
+    )
+    if in_flight["claims"] + kept >= quota.concurrency:
         return None  # the provider's connection limit: the next claim will do
     allow = allowance(mailbox, quota, now)
     allowed = 1 << 30

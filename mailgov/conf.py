@@ -38,6 +38,10 @@ DEFAULTS: dict[str, Any] = {
     # three plus one per recipient. Off only for a server that advertises it
     # and mishandles it.
     "SMTP_PIPELINING": True,
+    # How long a worker keeps a mailbox's authenticated SMTP connection open,
+    # idle, for its next batch (0: close after each run). Kept connections
+    # count against the provider's connection limit.
+    "SMTP_IDLE_SECONDS": 5.0,
     # How long an OIDC discovery document is kept in memory.
     "DISCOVERY_CACHE_SECONDS": 3600,
     # Provider configuration: {provider_id: {...}}; see mailgov.providers.

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
+import select
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import DatabaseError, connection, transaction
@@ -33,7 +35,7 @@ from mailgov.exceptions import (
     MailboxUnavailableError,
     MailgovConfigurationError,
 )
-from mailgov.models import Mailbox, OutboxAttempt, OutboxMessage
+from mailgov.models import KeptConnection, Mailbox, OutboxAttempt, OutboxMessage
 from mailgov.outcomes import Verdict, backoff, classify
 from mailgov.providers import get_mailbox_provider
 from mailgov.validation import PreparedMessage
@@ -384,13 +386,19 @@ def deliver(
 
     ``fan_out(mailbox_ids)`` (the task passes :func:`mailgov.outbox.publish`)
     is called once, after the first claim, when the mailbox has more due
-    messages: another worker then sends its next batch beside this one, up to
-    the provider's connection limit, which each claim enforces.
+    messages: another worker then sends its next batch beside this one, over
+    a connection of its own, up to the provider's connection limit
+    (``Quota.concurrency``), which each claim enforces.
+
+    Each mailbox's batches go over one authenticated connection, taken from
+    and given back to this thread's :data:`POOL`, so that the next run (the
+    next task) for the mailbox reuses it while it is fresh.
     """
     worker = worker or worker_name()
     totals: dict[str, int] = {}
     batches = 0
     backends: dict[Any, Any] = {}
+    finished = False
     try:
         while max_batches is None or batches < max_batches:
             claim = claim_batch(worker, mailbox_id=mailbox_id, kind=kind, now=now_fn())
@@ -398,18 +406,22 @@ def deliver(
                 break
             batches += 1
             _fan_out(claim, batches, kind, fan_out, now_fn)
-            backend = _backend_for(backends, claim)
-            for outcome, count in send_claim(claim, now_fn=now_fn, backend=backend).items():
+            backend = _backend_for(backends, claim, worker)
+            counts = send_claim(claim, now_fn=now_fn, backend=backend)
+            if backend is not None and set(counts) - {Outcome.SENT}:
+                # Any error (a refusal, a lost connection, a pause): a fresh
+                # connection for the next batch, never a doubtful one.
+                backend.close()
+            for outcome, count in counts.items():
                 totals[outcome] = totals.get(outcome, 0) + count
+        finished = True
     finally:
         for backend in backends.values():
-            backend.close()
+            if finished:
+                POOL.give_back(backend, worker)
+            else:  # an exception: nothing doubtful is kept
+                backend.close()
     return totals
-
-
-#: How long a worker keeps one mailbox's authenticated connection for its
-#: next batches (well inside an access token's life and servers' idle limits).
-CONNECTION_REUSE_SECONDS = 60
 
 
 def smtp_backend(mailbox: Mailbox, *, keep_connection: bool = False) -> Any:
@@ -421,21 +433,194 @@ def smtp_backend(mailbox: Mailbox, *, keep_connection: bool = False) -> Any:
     return backend
 
 
-def _backend_for(backends: dict[Any, Any], claim: Claim) -> Any:
-    """One kept-open backend per mailbox within a deliver() run; a connection
-    older than CONNECTION_REUSE_SECONDS is closed (the next batch reopens it,
-    with a token checked afresh)."""
+def _backend_for(backends: dict[Any, Any], claim: Claim, worker: str) -> Any:
+    """One backend per mailbox within a deliver() run, taken from the pool
+    (with its connection, if one was kept); a connection past its time
+    (:meth:`ConnectionPool.keep_until`) is closed and the next batch reopens
+    it, with a token checked afresh."""
     if claim.mailbox is None:
         return None
     backend = backends.get(claim.mailbox.pk)
     if backend is None:
-        backend = backends[claim.mailbox.pk] = smtp_backend(claim.mailbox, keep_connection=True)
-    elif (
-        backend.connected_at is not None
-        and time.monotonic() - backend.connected_at > CONNECTION_REUSE_SECONDS
-    ):
+        backend = backends[claim.mailbox.pk] = POOL.take(claim.mailbox, worker)
+    elif backend.connection is not None and POOL.keep_until(backend) is None:
         backend.close()
     return backend
+
+
+@dataclass
+class _Kept:
+    backend: Any
+    until: float  # time.monotonic()
+
+
+class ConnectionPool:
+    """Authenticated SMTP connections a worker keeps open between its runs.
+
+    A worker that has sent a mailbox's batch keeps the connection for
+    ``MAILGOV_SMTP_IDLE_SECONDS`` (0: never), so that the next task for the
+    mailbox in the same thread skips TCP, EHLO, STARTTLS, the TLS handshake,
+    EHLO and AUTH (six round trips or more). The contract:
+
+    * Per thread: a connection is only ever given back to, and taken by, the
+      thread that opened it (entries are keyed by ``worker_name()``, which
+      names the thread). smtplib connections are not thread-safe.
+    * Closed, never reused: after its idle time; past
+      :data:`CONNECTION_MAX_AGE_SECONDS` since it was opened; within the
+      refresh margin of the expiry of the token it authenticated with; after
+      any batch that did not send every message; when the server spoke while
+      it idled (a 421 idle timeout, a close); at worker shutdown
+      (:meth:`close_all`, on Celery's ``worker_process_shutdown`` and
+      ``worker_shutdown``, i.e. SIGTERM).
+    * A timer thread closes connections whose time is up, so an idle worker
+      holds no session open. It touches only connections no thread has taken.
+    * A kept connection is recorded in :class:`mailgov.models.KeptConnection`
+      and counts against the provider's connection limit, as the provider
+      counts it, until it is taken again or its time is up.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[tuple[str, Any], _Kept] = {}
+        self._timer: threading.Timer | None = None
+        self._timer_at = 0.0
+
+    # -- for deliver() -----------------------------------------------------
+    def take(self, mailbox: Mailbox, worker: str) -> Any:
+        """A backend for ``mailbox``: the one this thread kept, if still good,
+        else a new one (which opens its connection on first use)."""
+        with self._lock:
+            kept = self._idle.pop((worker, mailbox.pk), None)
+        if kept is not None:
+            _unrecord(mailbox.pk, worker)
+            backend = kept.backend
+            if kept.until > time.monotonic() and _quiet(backend):
+                return backend
+            backend.close()
+        return smtp_backend(mailbox, keep_connection=True)
+
+    def give_back(self, backend: Any, worker: str) -> None:
+        """Keep ``backend``'s connection for this thread's next run, or close it."""
+        until = self.keep_until(backend)
+        mailbox = backend._connected_mailbox
+        if until is None or mailbox is None:
+            backend.close()
+            return
+        try:
+            _record_kept(mailbox.pk, worker, until)
+        except DatabaseError:
+            # Unrecorded, it would not count against the connection limit.
+            logger.warning("kept connection of mailbox %s not recorded: closed", mailbox.pk)
+            backend.close()
+            return
+        with self._lock:
+            previous = self._idle.pop((worker, mailbox.pk), None)
+            self._idle[(worker, mailbox.pk)] = _Kept(backend, until)
+            self._schedule(until)
+        if previous is not None and previous.backend is not backend:
+            previous.backend.close()
+
+    @staticmethod
+    def keep_until(backend: Any) -> float | None:
+        """Until when (``time.monotonic()``) ``backend``'s connection may idle;
+        ``None`` if it must close now."""
+        idle = float(mailgov_settings.SMTP_IDLE_SECONDS)
+        if idle <= 0 or backend.connection is None or backend.connected_at is None:
+            return None
+        now = time.monotonic()
+        until = min(now + idle, backend.connected_at + CONNECTION_MAX_AGE_SECONDS)
+        if backend.token_expires_at is not None:
+            left = (backend.token_expires_at - timezone.now()).total_seconds()
+            until = min(until, now + left - float(mailgov_settings.TOKEN_REFRESH_MARGIN_SECONDS))
+        return until if until > now else None
+
+    # -- housekeeping ------------------------------------------------------
+    def reap(self) -> int:
+        """Close the connections whose time is up; return how many."""
+        now = time.monotonic()
+        with self._lock:
+            done = [key for key, kept in self._idle.items() if kept.until <= now]
+            expired = [self._idle.pop(key) for key in done]
+            self._timer = None
+            if self._idle:
+                self._schedule(min(kept.until for kept in self._idle.values()))
+        for kept in expired:
+            kept.backend.close()
+        return len(expired)
+
+    def close_all(self, **_signal_kwargs: Any) -> int:
+        """Close every kept connection (worker shutdown, SIGTERM); return how many."""
+        with self._lock:
+            kept = dict(self._idle)
+            self._idle.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        for item in kept.values():
+            item.backend.close()
+        for worker, mailbox_pk in kept:
+            _unrecord(mailbox_pk, worker)
+        return len(kept)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+    def _schedule(self, until: float) -> None:
+        """Have the timer run at ``until`` at the latest (lock held)."""
+        if self._timer is not None and self._timer_at <= until:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        timer = threading.Timer(max(0.0, until - time.monotonic()) + 0.01, self.reap)
+        timer.daemon = True
+        timer.name = "mailgov-smtp-reaper"
+        self._timer, self._timer_at = timer, until
+        timer.start()
+
+
+def _quiet(backend: Any) -> bool:
+    """Whether a kept connection heard nothing from the server while it idled.
+
+    A server that timed the session out sent a 421 or closed it: its socket
+    is readable (or TLS holds unread bytes). One ``select()`` with no wait
+    finds out, where a NOOP would cost a round trip.
+    """
+    sock = getattr(backend.connection, "sock", None)
+    if sock is None:
+        return False
+    try:
+        if hasattr(sock, "pending") and sock.pending():
+            return False
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+def _record_kept(mailbox_pk: Any, worker: str, until: float) -> None:
+    now = timezone.now()
+    expires = now + timedelta(seconds=until - time.monotonic())
+    KeptConnection.objects.filter(mailbox_id=mailbox_pk, expires_at__lte=now).delete()
+    KeptConnection.objects.update_or_create(
+        mailbox_id=mailbox_pk, holder=worker, defaults={"expires_at": expires}
+    )
+
+
+def _unrecord(mailbox_pk: Any, worker: str) -> None:
+    try:
+        KeptConnection.objects.filter(mailbox_id=mailbox_pk, holder=worker).delete()
+    except Exception:  # at shutdown too, where the database may be gone
+        # The row expires with the connection's time anyway.
+        logger.warning("kept connection of mailbox %s not unrecorded", mailbox_pk)
+
+
+#: The longest a worker uses one SMTP connection, however busy (well inside
+#: servers' session limits; the token's own expiry may end it sooner).
+CONNECTION_MAX_AGE_SECONDS = 60
+
+#: This process's kept connections (one pool per process, entries per thread).
+POOL = ConnectionPool()
 
 
 def _fan_out(claim: Claim, batches: int, kind: str, fan_out: Any, now_fn: Any) -> None:

@@ -410,6 +410,34 @@ class SweepLock(models.Model):
         return self.name
 
 
+class KeptConnection(models.Model):
+    """An authenticated SMTP connection a worker keeps open, idle, for its
+    next batch of the mailbox (:class:`mailgov.delivery.ConnectionPool`).
+
+    It counts against the provider's connection limit
+    (``Quota.concurrency``) like a running claim: Microsoft refuses a fourth
+    connection of a mailbox whether the other three send or idle. Deleted
+    when its holder takes the connection for a claim (which then counts);
+    a row past ``expires_at`` counts for nothing (its connection was closed
+    by then, or its worker died), and is deleted at the next keep."""
+
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="+")
+    #: ``host:pid:thread`` (:func:`mailgov.claims.worker_name`).
+    holder = models.CharField(max_length=200)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        verbose_name = _("kept SMTP connection")
+        verbose_name_plural = _("kept SMTP connections")
+        constraints = [
+            models.UniqueConstraint(fields=["mailbox", "holder"], name="mailgov_kept_once")
+        ]
+        indexes = [models.Index(fields=["mailbox", "expires_at"], name="mailgov_kept_live")]
+
+    def __str__(self) -> str:
+        return f"connection of mailbox {self.mailbox_id} kept by {self.holder}"
+
+
 # -- governance: refresh history, pending revocations, incidents, jobs -----------------
 
 

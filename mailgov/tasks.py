@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import shared_task
+from celery.signals import worker_process_shutdown, worker_shutdown
 from django.conf import settings
 
 from mailgov import delivery, lifecycle, outbox, revocation, services
@@ -25,6 +26,13 @@ from mailgov.sweeps import exclusive
 #: Publishing waits little for a broker that is down: every task mailgov
 #: publishes is also found by a sweep from the database rows.
 PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.5}
+
+# A worker told to stop (SIGTERM: warm shutdown) says QUIT on the SMTP
+# connections it kept open: prefork children on worker_process_shutdown,
+# the solo and threads pools (tasks run in the main process) on
+# worker_shutdown.
+for _signal in (worker_process_shutdown, worker_shutdown):
+    _signal.connect(delivery.POOL.close_all, weak=False, dispatch_uid="mailgov.close_kept_smtp")
 
 
 def publish_task(task: Any, *, args: tuple = (), kwargs: dict | None = None) -> Exception | None:

@@ -56,6 +56,16 @@ def _fresh_keyring():
     reset_keyring()
 
 
+@pytest.fixture(autouse=True)
+def _no_kept_connections():
+    """SMTP connections a test's deliver() kept open end with the test: the
+    next test's server, faults and mailboxes are its own."""
+    yield
+    from mailgov.delivery import POOL
+
+    POOL.close_all()
+
+
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory) -> TLSFiles:
     return ensure_tls_files(tmp_path_factory.mktemp("tls"))

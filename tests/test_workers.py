@@ -401,3 +401,19 @@ def test_readiness_pings_the_workers(workers, client, settings):
     assert worker_line() == "WorkerPing(): OK"
     worker.stop()
     assert worker_line().startswith("WorkerPing(): Unavailable: no Celery worker answered")
+
+
+def test_sigterm_closes_the_connections_a_worker_kept(workers, two_boxes, smtp):
+    """A worker keeps alice's connection after sending (idle 60 s here);
+    told to stop, it says QUIT on it and forgets its record."""
+    from mailgov.models import KeptConnection
+
+    (worker,) = workers(1, SMTP_IDLE_SECONDS=60)
+    enqueue("alice@example.test", 2)
+    wait_for(lambda: states()[State.SENT] == 2, 60, "2 messages sent")
+    wait_for(lambda: KeptConnection.objects.exists(), 10, "the connection kept")
+    assert smtp.transcript.count("QUIT") == 0
+    worker.stop()
+    assert smtp.transcript.count("QUIT") == 1
+    assert not KeptConnection.objects.exists()
+    assert "kept connection" not in worker.log()  # no warning: it was recorded and forgotten

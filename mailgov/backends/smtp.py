@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import logging
 import re
 import smtplib
@@ -61,7 +62,7 @@ from mailgov.exceptions import (
 )
 from mailgov.freeze import active_blocks, check_not_blocked, send_gate
 from mailgov.metrics import count_sends
-from mailgov.models import Mailbox, SendLog
+from mailgov.models import Mailbox, MailboxCredentials, SendLog
 from mailgov.providers import Provider, get_mailbox_provider
 from mailgov.services import mark_needs_reconsent, suspend_mailbox
 from mailgov.signals import post_send, pre_send
@@ -228,6 +229,8 @@ class EmailBackend(smtp.EmailBackend):
         #: mailbox in a row); the caller then close()s it.
         self.keep_connection = False
         self.connected_at: float | None = None
+        #: Expiry of the access token the connection authenticated with.
+        self.token_expires_at: datetime.datetime | None = None
         #: Whether the last batch failed before any message (no connection).
         self.failed_at_open = False
         self._connected_mailbox: Mailbox | None = None
@@ -334,6 +337,13 @@ class EmailBackend(smtp.EmailBackend):
             raise
         self._connected_mailbox = mailbox
         self.connected_at = time.monotonic()
+        # When the token this session authenticated with expires: a worker
+        # keeping the connection open (mailgov.delivery) closes it by then.
+        self.token_expires_at = (
+            MailboxCredentials.objects.filter(pk=mailbox.pk)
+            .values_list("expires_at", flat=True)
+            .first()
+        )
         return True
 
     def open(self) -> bool | None:
@@ -358,6 +368,7 @@ class EmailBackend(smtp.EmailBackend):
 
     def close(self) -> None:
         self._connected_mailbox = None
+        self.connected_at = self.token_expires_at = None
         if self.connection is None:
             return
         try:

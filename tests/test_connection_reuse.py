@@ -1,0 +1,164 @@
+"""Workers keep a mailbox's authenticated SMTP connection between runs
+(:class:`mailgov.delivery.ConnectionPool`), against the real SMTP server.
+
+Connections are counted by a :class:`mailgov.testing.latency.LatencyProxy`
+in front of the server (no delay); a kept connection that the pool closes
+says QUIT, which the server's transcript shows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from mailgov import delivery
+from mailgov.claims import worker_name
+from mailgov.conf import mailgov_settings
+from mailgov.delivery import POOL
+from mailgov.models import KeptConnection, MailboxCredentials, OutboxMessage
+from mailgov.outcomes import Outcome
+from mailgov.testing.latency import LatencyProxy
+from tests.test_outbox import queue
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def proxy(smtp, settings, demo_provider):
+    with LatencyProxy("127.0.0.1", smtp.port, delay=0) as running:
+        settings.MAILGOV_PROVIDERS = {"demo": {**demo_provider, "smtp_port": running.port}}
+        yield running
+
+
+@pytest.fixture
+def alice(connect, proxy):
+    return connect("alice")
+
+
+def quits(smtp) -> int:
+    return smtp.transcript.count("QUIT")
+
+
+def test_the_next_run_reuses_the_kept_connection(alice, proxy, smtp):
+    queue("alice@example.test", count=2)
+    assert delivery.deliver() == {Outcome.SENT: 2}
+    assert len(POOL) == 1
+    [kept] = KeptConnection.objects.all()
+    assert kept.mailbox_id == alice.pk and kept.holder == worker_name()
+    queue("alice@example.test", count=3)
+    assert delivery.deliver() == {Outcome.SENT: 3}
+    assert proxy.stats.connections == 1
+    assert len(smtp.auth_attempts) == 1
+    assert len(smtp.messages) == 5
+    assert quits(smtp) == 0
+
+
+def test_idle_connections_are_closed_when_their_time_is_up(alice, proxy, smtp, settings):
+    settings.MAILGOV_SMTP_IDLE_SECONDS = 0.3
+    queue("alice@example.test")
+    delivery.deliver()
+    assert len(POOL) == 1
+    deadline = time.monotonic() + 5
+    while quits(smtp) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert quits(smtp) == 1  # the timer said QUIT, with no run to trigger it
+    assert len(POOL) == 0
+    queue("alice@example.test")
+    delivery.deliver()
+    assert proxy.stats.connections == 2
+
+
+def test_zero_idle_seconds_keeps_nothing(alice, proxy, smtp, settings):
+    settings.MAILGOV_SMTP_IDLE_SECONDS = 0
+    queue("alice@example.test")
+    delivery.deliver()
+    assert len(POOL) == 0 and quits(smtp) == 1
+    assert not KeptConnection.objects.exists()
+
+
+def test_a_token_about_to_expire_ends_the_connection(alice, proxy, smtp, settings):
+    """Not kept past the expiry of the token it authenticated with (less the
+    refresh margin): the next run authenticates with a fresh token."""
+    MailboxCredentials.objects.filter(pk=alice.pk).update(
+        expires_at=timezone.now()
+        + timedelta(seconds=mailgov_settings.TOKEN_REFRESH_MARGIN_SECONDS + 1)
+    )
+    queue("alice@example.test")
+    delivery.deliver()
+    assert len(POOL) == 1
+    time.sleep(1.2)
+    queue("alice@example.test")
+    delivery.deliver()
+    assert proxy.stats.connections == 2
+    assert len(smtp.auth_attempts) == 2
+
+
+def test_an_error_closes_the_connection(alice, proxy, smtp):
+    smtp.faults.rcpt_replies = {"nobody@example.test": "550 5.1.1 No such user"}
+    queue("alice@example.test", to=["nobody@example.test"])
+    queue("alice@example.test")
+    counts = delivery.deliver()
+    assert counts[Outcome.FAILED] == 1 and counts[Outcome.SENT] == 1
+    assert len(POOL) == 0 and quits(smtp) == 1
+    assert not KeptConnection.objects.exists()
+
+
+def test_a_connection_is_never_used_by_another_thread(alice, proxy, smtp):
+    queue("alice@example.test")
+    delivery.deliver()
+    queue("alice@example.test")
+    other = threading.Thread(target=delivery.deliver)
+    other.start()
+    other.join(30)
+    assert proxy.stats.connections == 2
+    # Each thread kept its own; both count against the connection limit.
+    assert len(POOL) == 2
+    assert KeptConnection.objects.count() == 2
+
+
+def test_a_connection_the_server_closed_while_idle_is_not_reused(alice, proxy, smtp):
+    """The server timed the session out (here: the link went down and came
+    back): one select() sees it, and the next run opens a new connection,
+    without failing or retrying a message."""
+    queue("alice@example.test")
+    delivery.deliver()
+    port = proxy.port
+    proxy.stop()
+    with LatencyProxy("127.0.0.1", smtp.port, delay=0, port=port) as again:
+        time.sleep(0.1)
+        [row] = queue("alice@example.test")
+        assert delivery.deliver() == {Outcome.SENT: 1}
+        assert again.stats.connections == 1
+    row.refresh_from_db()
+    assert row.state == OutboxMessage.State.SENT and row.failures == 0
+
+
+def test_kept_connections_count_against_the_providers_limit(alice, proxy, smtp, settings):
+    """Microsoft counts open connections, idle or not: with the limit at 2
+    and two other workers keeping one each, a third worker may not claim; the
+    holders may."""
+    settings.MAILGOV_PROVIDERS["demo"]["quota"] = {"concurrency": 2}
+    now = timezone.now()
+    for holder in ("host:1:1", "host:2:1"):
+        KeptConnection.objects.create(
+            mailbox=alice, holder=holder, expires_at=now + timedelta(seconds=30)
+        )
+    queue("alice@example.test")
+    assert delivery.deliver(worker="host:3:1") == {}
+    assert delivery.deliver(worker="host:1:1") == {Outcome.SENT: 1}
+    # Rows past their time count for nothing.
+    KeptConnection.objects.update(expires_at=now - timedelta(seconds=1))
+    queue("alice@example.test")
+    assert delivery.deliver(worker="host:3:1") == {Outcome.SENT: 1}
+
+
+def test_close_all_says_quit_and_forgets_the_rows(alice, proxy, smtp):
+    queue("alice@example.test")
+    delivery.deliver()
+    assert POOL.close_all() == 1
+    assert quits(smtp) == 1
+    assert not KeptConnection.objects.exists()

@@ -247,8 +247,10 @@ SWEEP_MAILBOXES = 5_000
 COUNTED = (50, 200)
 
 
-def mint_tokens(authserver: Any, count: int) -> dict[str, Any]:
-    """``count`` access/refresh token pairs issued by ``authserver`` to alice."""
+def mint_tokens(authserver: Any, count: int, per_user: str | None = None) -> dict[str, Any]:
+    """``count`` access/refresh token pairs issued by ``authserver`` to alice,
+    or with ``per_user`` to ``count`` users ``<per_user>-<n>`` (addresses
+    ``<per_user>-<n>@bench.test``), one pair each."""
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "mailgov.testing.authserver.settings",
@@ -266,6 +268,7 @@ def mint_tokens(authserver: Any, count: int) -> dict[str, Any]:
             "--client-id",
             authserver.client_id,
             "--settings=mailgov.testing.authserver.settings",
+            *(["--users-prefix", per_user] if per_user else []),
         ],
         cwd=ROOT,
         env=env,

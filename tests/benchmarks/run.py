@@ -33,6 +33,12 @@
 7. Governance at scale: containment of 100,000 mailboxes (target: under
    1 s) and the admin's mailbox list at 100,000 mailboxes, on SQLite and on
    PostgreSQL (:mod:`tests.benchmarks.governance`).
+8. The send path at real network distances, through a latency proxy at
+   10 ms one way: the stock backend against mailgov's (PIPELINING) over one
+   connection (target: ``latency ratio`` at least 1.8); one mailbox queued
+   over the provider's three connections (target: 2.5 times stock); 100
+   mailboxes x 5 messages with 2 workers against the network's bound
+   (:mod:`tests.benchmarks.latency`).
 
 Parts 4 to 6 are in :mod:`tests.benchmarks.lifecycle`.
 
@@ -44,6 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -53,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.benchmarks.governance import bench_governance
+from tests.benchmarks.latency import bench_latency
 from tests.benchmarks.lifecycle import SWEEP_MAILBOXES, bench_outbox, bench_refresh
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -339,7 +347,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--part",
-        choices=["all", "send", "vault", "rotation", "outbox", "refresh", "governance"],
+        choices=[
+            "all",
+            "send",
+            "vault",
+            "rotation",
+            "outbox",
+            "refresh",
+            "governance",
+            "latency",
+        ],
         default="all",
     )
     parser.add_argument("--messages", type=int, default=2000)
@@ -356,7 +373,7 @@ def main() -> int:
         (bench_rotation if args.part == "rotation" else bench_governance)(args.rows)
         return 0
 
-    if args.part in ("all", "send", "vault", "outbox", "refresh"):
+    if args.part in ("all", "send", "vault", "outbox", "refresh", "latency"):
         setup_django(Path(tempfile.mkdtemp(prefix="mailgov-bench-")))
     if args.part in ("all", "send"):
         bench_send(args.messages, args.batch, args.rounds)
@@ -368,6 +385,10 @@ def main() -> int:
     if args.part in ("all", "refresh"):
         with peers() as (authserver, _port, _tls):
             bench_refresh(authserver, args.sweep_mailboxes)
+    if args.part in ("all", "latency"):
+        password = secrets.token_urlsafe(16)
+        with peers({"bench@example.test": password}) as (authserver, port, tls):
+            bench_latency(authserver, port, tls, password)
     for part in ("rotation", "governance"):
         if args.part not in ("all", part):
             continue

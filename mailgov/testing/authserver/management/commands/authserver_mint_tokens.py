@@ -7,6 +7,11 @@ refreshes them like any it issued through the authorization-code flow.
 Going through that flow costs a sign-in and a consent per pair; a benchmark
 needing thousands of grants cannot afford it.
 
+With ``--users-prefix P``, the pairs belong to ``count`` users of their
+own, ``P-0`` to ``P-<count-1>`` with the addresses ``P-<n>@bench.test``
+(created if missing), one pair each, in that order: senders that an SMTP
+server checking the token's address lets send as themselves.
+
 Prints one JSON object: ``{"expires_in": ..., "scope": ..., "tokens":
 [[access, refresh], ...]}``. The tokens are secrets: this is a test peer's
 command, never run against a server that holds real accounts.
@@ -44,6 +49,9 @@ class Command(BaseCommand):
         parser.add_argument("--count", type=int, required=True)
         parser.add_argument("--username", default="alice")
         parser.add_argument(
+            "--users-prefix", help="one pair for each of COUNT users PREFIX-<n> (created)"
+        )
+        parser.add_argument(
             "--client-id", default=os.environ.get("MAILGOV_DEMO_CLIENT_ID") or "mailgov-demo"
         )
         parser.add_argument("--scope", default="openid email profile mail.send")
@@ -52,10 +60,20 @@ class Command(BaseCommand):
         count = options["count"]
         if count < 1:
             raise CommandError("--count must be at least 1.")
+        User = get_user_model()
         try:
-            user = get_user_model().objects.get(username=options["username"])
             application = get_application_model().objects.get(client_id=options["client_id"])
-        except (get_user_model().DoesNotExist, get_application_model().DoesNotExist) as exc:
+            if options["users_prefix"]:
+                prefix = options["users_prefix"]
+                users = []
+                for n in range(count):
+                    user, _ = User.objects.get_or_create(
+                        username=f"{prefix}-{n}", defaults={"email": f"{prefix}-{n}@bench.test"}
+                    )
+                    users.append(user)
+            else:
+                users = [User.objects.get(username=options["username"])] * count
+        except (User.DoesNotExist, get_application_model().DoesNotExist) as exc:
             raise CommandError(str(exc)) from None
         AccessToken, RefreshToken = get_access_token_model(), get_refresh_token_model()
         seconds = settings.OAUTH2_PROVIDER["ACCESS_TOKEN_EXPIRE_SECONDS"]
@@ -66,7 +84,7 @@ class Command(BaseCommand):
             chunk = [[secrets.token_urlsafe(30), secrets.token_urlsafe(30)] for _ in range(size)]
             with transaction.atomic():
                 accesses = []
-                for access, _ in chunk:
+                for user, (access, _) in zip(users[start : start + size], chunk, strict=True):
                     row = AccessToken(
                         user=user, application=application, expires=expires, scope=options["scope"]
                     )
@@ -76,7 +94,7 @@ class Command(BaseCommand):
                 refreshes = []
                 for row, (_, refresh) in zip(accesses, chunk, strict=True):
                     token = RefreshToken(
-                        user=user,
+                        user=row.user,
                         application=application,
                         access_token=row,
                         token_family=uuid.uuid4(),

@@ -1,0 +1,209 @@
+"""``make bench``, part 8: the send path at real network distances.
+
+Loopback hides what costs users time: smtp.gmail.com and smtp.office365.com
+are tens of milliseconds away. Here every SMTP byte goes through
+:class:`mailgov.testing.latency.LatencyProxy` with a 10 ms one-way delay (a
+20 ms round trip), which also counts the round trips each client pays. The
+demo SMTP server runs in its own process behind it; the demo authorization
+server stays on loopback (tokens are valid throughout: no refresh is timed).
+
+a. One mailbox, 300 messages over one connection: Django's stock SMTP
+   backend (password login, one command per round trip) against mailgov's
+   (XOAUTH2, PIPELINING: MAIL, every RCPT and DATA in one flight). Target:
+   ``latency ratio mailgov/stock`` at least 1.8.
+b. One mailbox, 300 messages through the queued backend, sent by three
+   Celery workers (solo pool) on Redis, so that the mailbox gets the
+   provider's three connections (``Quota.concurrency``). Timed from
+   ``send_messages()`` until every outbox row is sent. Target: at least 2.5
+   times the stock backend's messages/s of (a).
+c. 100 mailboxes x 5 messages, queued, 2 workers: the time against the
+   bound the network sets, ``round trips x 20 ms / 2`` (the round trips as
+   counted at the proxy during the run, spread over the two workers),
+   printed as a fraction of it (1.00 would be the network alone).
+
+(b) and (c) need Redis at 127.0.0.1:6379, as part 5 does.
+"""
+
+from __future__ import annotations
+
+import ssl
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tests.benchmarks.lifecycle import QUEUED, connect_many, mint_tokens
+
+#: One-way delay of the link, seconds.
+DELAY = 0.010
+MESSAGES = 300
+MAILBOXES, PER_MAILBOX = 100, 5
+
+
+def message(sender: str, index: int) -> Any:
+    from django.core.mail import EmailMessage
+
+    return EmailMessage(
+        f"Latency benchmark {index}", "A short body.\n" * 5, sender, ["recipient@example.test"]
+    )
+
+
+def bench_latency(authserver: Any, smtp_port: int, tls: Any, password: str) -> None:
+    """Parts 8a to 8c, inside ``run.peers()`` (alice's mailbox connected; the
+    SMTP server also takes ``bench@example.test`` with ``password``)."""
+    from django.conf import settings
+
+    from mailgov.testing.latency import LatencyProxy
+    from tests.workers.harness import redis_reachable
+
+    provider = dict(settings.MAILGOV_PROVIDERS["demo"])
+    with LatencyProxy("127.0.0.1", smtp_port, delay=DELAY) as proxy:
+        settings.MAILGOV_PROVIDERS = {"demo": {**provider, "smtp_port": proxy.port}}
+        print(
+            f"latency: every SMTP byte through mailgov.testing.latency.LatencyProxy, "
+            f"{DELAY * 1000:.0f} ms one way ({2 * DELAY * 1000:.0f} ms round trip); "
+            "round trips counted at the proxy"
+        )
+        stock_rate = bench_one_connection(proxy, tls, password)
+        if redis_reachable():
+            bench_queued_latency(authserver, proxy, stock_rate)
+        else:
+            print("latency, queued: not run, Redis is not reachable at 127.0.0.1:6379")
+    settings.MAILGOV_PROVIDERS = {"demo": provider}
+
+
+def bench_one_connection(proxy: Any, tls: Any, password: str) -> float:
+    """8a; returns the stock backend's messages/s."""
+    from django.core.mail.backends.smtp import EmailBackend as StockBackend
+
+    from mailgov.backends.smtp import EmailBackend as MailgovBackend
+
+    def stock_backend() -> Any:
+        backend = StockBackend(
+            host="127.0.0.1",
+            port=proxy.port,
+            username="bench@example.test",
+            password=password,
+            use_tls=True,
+            timeout=30,
+        )
+        backend.ssl_context = ssl.create_default_context(cafile=str(tls.ca_cert))
+        return backend
+
+    def run(make_backend: Any, sender: str, count: int) -> tuple[float, int]:
+        batch = [message(sender, i) for i in range(count)]
+        proxy.reset_stats()
+        start = time.perf_counter()
+        sent = make_backend().send_messages(batch)
+        elapsed = time.perf_counter() - start
+        if sent != count:
+            raise SystemExit(f"only {sent} of {count} messages were sent")
+        return elapsed, proxy.stats.round_trips
+
+    # Warm-up (discovery, the token, TLS contexts), and each session's cost
+    # with one message, to tell set-up from per-message round trips.
+    results = {}
+    for label, make, sender in (
+        ("stock", stock_backend, "bench@example.test"),
+        ("mailgov", MailgovBackend, "alice@example.test"),
+    ):
+        run(make, sender, 3)
+        _, one_trips = run(make, sender, 1)
+        elapsed, trips = run(make, sender, MESSAGES)
+        per_message = (trips - one_trips) / (MESSAGES - 1)
+        results[label] = (MESSAGES / elapsed, trips, per_message, one_trips - per_message)
+    print(f"  a. one mailbox, {MESSAGES} messages, one connection:")
+    for label, name in (
+        ("stock", "stock SMTP backend (password)"),
+        ("mailgov", "mailgov backend (XOAUTH2, PIPELINING)"),
+    ):
+        rate, trips, per_message, setup = results[label]
+        print(
+            f"     {name:38} {rate:6.1f} messages/s, {per_message:.2f} round trips a "
+            f"message, {setup:.0f} for the session ({trips} in all)"
+        )
+    stock_rate = results["stock"][0]
+    print(f"latency ratio mailgov/stock: {results['mailgov'][0] / stock_rate:.2f}")
+    return stock_rate
+
+
+def bench_queued_latency(authserver: Any, proxy: Any, stock_rate: float) -> None:
+    """8b and 8c, with real Celery workers on Redis sharing this process's
+    SQLite file; the workers' SMTP traffic goes through ``proxy``."""
+    import redis
+    from django.conf import settings
+    from django.core.mail import get_connection
+
+    from mailgov.conf import mailgov_settings
+    from mailgov.models import OutboxMessage
+    from tests.workers.harness import REDIS, Worker, use_broker, worker_env
+
+    work = Path(tempfile.mkdtemp(prefix="mailgov-bench-latency-"))
+    prefix = f"mailgov-bench-{uuid.uuid4().hex[:12]}:"
+    broker = {"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0", "CELERY_BROKER_KEYPREFIX": prefix}
+    use_broker(
+        broker["CELERY_BROKER_URL"], {"visibility_timeout": 3600, "global_keyprefix": prefix}
+    )
+    env = worker_env(settings.MAILGOV_PROVIDERS, broker)
+    workers = [Worker(f"latency{n}", env, work) for n in range(3)]
+    State = OutboxMessage.State
+
+    def queued(batch: list[Any]) -> tuple[float, Any]:
+        OutboxMessage.objects.all().delete()
+        proxy.reset_stats()
+        start = time.perf_counter()
+        get_connection(QUEUED).send_messages(batch)
+        rows = OutboxMessage.objects.filter(kind=OutboxMessage.Kind.MAIL)
+        while rows.filter(state=State.SENT).count() < len(batch):
+            if (
+                time.perf_counter() - start > 300
+                or rows.exclude(state__in=[State.QUEUED, State.SENDING, State.SENT]).exists()
+            ):
+                states = Counter(rows.values_list("state", flat=True))
+                logs = "\n".join(worker.log()[-2000:] for worker in workers)
+                raise SystemExit(f"queued delivery stalled: {dict(states)}\n{logs}")
+            time.sleep(0.01)
+        return time.perf_counter() - start, proxy.stats
+
+    try:
+        grants = mint_tokens(authserver, MAILBOXES, per_user="lat")
+        connect_many("lat", grants, 0, MAILBOXES)
+        for worker in workers:
+            worker.start()
+        queued([message("alice@example.test", i) for i in range(6)])  # warm-up
+        # b. one mailbox, the provider's concurrency.
+        elapsed, stats = queued([message("alice@example.test", i) for i in range(MESSAGES)])
+        rate = MESSAGES / elapsed
+        print(
+            f"  b. one mailbox, {MESSAGES} messages, queued, 3 workers (solo pool, Redis), "
+            f"batches of {mailgov_settings.OUTBOX_BATCH_SIZE}: {rate:6.1f} messages/s, "
+            f"{stats.connections} connections, "
+            f"{stats.round_trips / MESSAGES:.2f} round trips a message in all"
+        )
+        print(f"queued latency ratio (3 connections)/stock: {rate / stock_rate:.2f}")
+        # c. 100 mailboxes x 5 messages, 2 workers.
+        workers.pop().stop()
+        batch = [
+            message(f"lat-{n}@bench.test", i) for i in range(PER_MAILBOX) for n in range(MAILBOXES)
+        ]
+        queued(batch[:MAILBOXES])  # warm-up: every mailbox's token and discovery
+        time.sleep(mailgov_settings.SMTP_IDLE_SECONDS + 0.5)  # kept connections closed
+        elapsed, stats = queued(batch)
+        bound = stats.round_trips * 2 * DELAY / len(workers)
+        print(
+            f"  c. {MAILBOXES} mailboxes x {PER_MAILBOX} messages, queued, "
+            f"{len(workers)} workers: {elapsed:.2f} s, {stats.connections} connections, "
+            f"{stats.round_trips} round trips ({stats.round_trips / MAILBOXES:.1f} a mailbox); "
+            f"bound {stats.round_trips} x {2 * DELAY * 1000:.0f} ms / {len(workers)} = "
+            f"{bound:.2f} s"
+        )
+        print(f"latency time/bound (100x5, 2 workers): {elapsed / bound:.2f}")
+    finally:
+        for worker in workers:
+            worker.stop()
+        OutboxMessage.objects.all().delete()
+        client = redis.Redis(*REDIS)
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)

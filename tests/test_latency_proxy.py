@@ -38,9 +38,15 @@ class PeerServer:
     """
 
     def __init__(
-        self, greeting: bytes = b"", *, close_after_greeting: bool = False, listen: bool = True
+        self,
+        greeting: bytes = b"",
+        *,
+        close_after_greeting: bool = False,
+        listen: bool = True,
+        split: int = 1,
     ) -> None:
         self.greeting = greeting
+        self.split = split
         self.close_after_greeting = close_after_greeting
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", 0))
@@ -88,7 +94,13 @@ class PeerServer:
             if self.close_after_greeting:
                 return
             while data := conn.recv(65536):
-                conn.sendall(data)
+                # ``split`` writes per echo, as a server answers a pipelined
+                # flight one reply at a time.
+                step = -(-len(data) // self.split)
+                for start in range(0, len(data), step):
+                    conn.sendall(data[start : start + step])
+                    if self.split > 1:
+                        time.sleep(0.0005)
             conn.shutdown(socket.SHUT_WR)
 
 
@@ -245,6 +257,23 @@ def test_a_greeting_arrives_after_the_handshake_and_one_delay(connect_round_trip
 
 
 # --- counting ---------------------------------------------------------------------------
+
+
+def test_replies_written_back_to_back_arrive_together() -> None:
+    """A server answering a pipelined flight writes one reply after another:
+    they reach the client one delay after they left, all of them, not held
+    back by Nagle's algorithm waiting for the client's delayed ACK (~40 ms)."""
+    server = PeerServer(split=3)
+    delay = 0.02
+    try:
+        with LatencyProxy(server.host, server.port, delay=delay) as proxy:
+            with contextlib.closing(connect(proxy)) as client:
+                exchange(client, b"a\r\nb\r\nc\r\n")  # the connection set up
+                times = [exchange(client, b"a\r\nb\r\nc\r\n") for _ in range(5)]
+    finally:
+        server.stop()
+    assert min(times) >= 2 * delay - EARLY
+    assert statistics.median(times) < 2 * delay + 0.025, times
 
 
 def test_strict_exchanges_count_one_round_trip_each(echo_server: PeerServer) -> None:

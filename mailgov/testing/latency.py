@@ -286,6 +286,12 @@ class LatencyProxy:
                 logger.warning("LatencyProxy could not accept a connection: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
+            # No Nagle: a link forwards each write as it comes. asyncio turns
+            # Nagle off only for sockets created with proto=IPPROTO_TCP, and an
+            # accepted socket has proto 0; left on, a reply written right after
+            # another (a pipelined flight's answers) would wait ~40 ms for the
+            # client's delayed ACK, a cost no network adds.
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._accepted.add(client)
             task = loop.create_task(self._handle(client))
             self._tasks.add(task)
@@ -319,6 +325,9 @@ class LatencyProxy:
                 await _sleep_until(loop, forwarding_at)
                 return
             writers.append(server_writer)
+            upstream_sock = server_writer.get_extra_info("socket")
+            if upstream_sock is not None:
+                upstream_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await _sleep_until(loop, forwarding_at)
             turns = _Turns()
             upstream: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()

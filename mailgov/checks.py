@@ -42,6 +42,7 @@ OUTBOX_POLICY = "mailgov.E021"
 DORMANT_WARNING_TOO_LONG = "mailgov.E022"
 BASE_TEMPLATE_MISSING = "mailgov.E023"
 BASE_TEMPLATE_BLOCKS = "mailgov.E024"
+NUMBER_NEGATIVE = "mailgov.E025"
 SQLITE_NOT_IMMEDIATE = "mailgov.W001"
 
 #: Settings that must be positive numbers (a None timeout would mean "wait forever").
@@ -67,6 +68,8 @@ POSITIVE_NUMBERS = (
     "SENDLOG_RETENTION_DAYS",
     "RECEIPT_RETENTION_DAYS",
 )
+#: Settings that must be numbers >= 0 (0 turns the feature off).
+NON_NEGATIVE_NUMBERS = ("SMTP_IDLE_SECONDS",)
 
 
 @checks.register(checks.Tags.security)
@@ -133,6 +136,15 @@ def check_numbers(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
                 checks.Error(
                     f"MAILGOV_{name} must be a positive number, not {value!r}.",
                     id=NUMBER_NOT_POSITIVE,
+                )
+            )
+    for name in NON_NEGATIVE_NUMBERS:
+        value = getattr(mailgov_settings, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            messages.append(
+                checks.Error(
+                    f"MAILGOV_{name} must be a number, 0 or more, not {value!r}.",
+                    id=NUMBER_NEGATIVE,
                 )
             )
     return messages

@@ -130,6 +130,16 @@ def test_numbers_must_be_positive(name, value):
 
 @pytest.mark.django_db  # the binding check (E013) reads mailboxes
 @pytest.mark.parametrize(
+    ("value", "valid"), [(0, True), (2.5, True), (-1, False), ("5", False), (None, False)]
+)
+def test_smtp_idle_seconds_must_not_be_negative(value, valid):
+    with override_settings(MAILGOV_SMTP_IDLE_SECONDS=value):
+        ids = [m.id for m in run_checks()]
+    assert ("mailgov.E025" not in ids) is valid
+
+
+@pytest.mark.django_db  # the binding check (E013) reads mailboxes
+@pytest.mark.parametrize(
     ("overrides", "check_id"),
     [
         ({"MAILGOV_OUTBOX_ON_INTERRUPTED": "resend"}, "mailgov.E021"),

@@ -162,3 +162,20 @@ def test_close_all_says_quit_and_forgets_the_rows(alice, proxy, smtp):
     assert POOL.close_all() == 1
     assert quits(smtp) == 1
     assert not KeptConnection.objects.exists()
+
+
+def test_claims_stop_at_the_providers_connection_limit(alice, proxy, smtp, settings):
+    """Each claim is one connection: with the limit at 2, a third worker gets
+    nothing while two batches are in flight, and its turn once one ends."""
+    from mailgov.claims import claim_batch
+    from mailgov.delivery import send_claim
+
+    settings.MAILGOV_PROVIDERS["demo"]["quota"] = {"concurrency": 2}
+    settings.MAILGOV_OUTBOX_BATCH_SIZE = 2
+    queue("alice@example.test", count=6)
+    first, second = claim_batch("w1"), claim_batch("w2")
+    assert first is not None and second is not None
+    assert claim_batch("w3") is None
+    assert send_claim(first) == {Outcome.SENT: 2}
+    third = claim_batch("w3")
+    assert third is not None and len(third.rows) == 2

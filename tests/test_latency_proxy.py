@@ -266,10 +266,12 @@ def test_replies_written_back_to_back_arrive_together() -> None:
     server = PeerServer(split=3)
     delay = 0.02
     try:
-        with LatencyProxy(server.host, server.port, delay=delay) as proxy:
-            with contextlib.closing(connect(proxy)) as client:
-                exchange(client, b"a\r\nb\r\nc\r\n")  # the connection set up
-                times = [exchange(client, b"a\r\nb\r\nc\r\n") for _ in range(5)]
+        with (
+            LatencyProxy(server.host, server.port, delay=delay) as proxy,
+            contextlib.closing(connect(proxy)) as client,
+        ):
+            exchange(client, b"a\r\nb\r\nc\r\n")  # the connection set up
+            times = [exchange(client, b"a\r\nb\r\nc\r\n") for _ in range(5)]
     finally:
         server.stop()
     assert min(times) >= 2 * delay - EARLY

@@ -129,6 +129,21 @@ def bench_one_connection(proxy: Any, tls: Any, password: str) -> float:
     return stock_rate
 
 
+def claims_in_flight() -> tuple[str, float]:
+    """Messages sent per worker, and the seconds of all batches summed (from
+    each claim's first attempt to its last outcome): divided by the elapsed
+    time, how many connections were sending on average."""
+    from django.db.models import Max, Min
+
+    from mailgov.models import OutboxAttempt
+
+    sent = OutboxAttempt.objects.filter(outcome="sent")
+    shares = Counter(sent.values_list("worker", flat=True))
+    spans = sent.values("claim_id").annotate(start=Min("started_at"), end=Max("finished_at"))
+    busy = sum((span["end"] - span["start"]).total_seconds() for span in spans)
+    return "/".join(map(str, sorted(shares.values(), reverse=True))), busy
+
+
 def bench_queued_latency(authserver: Any, proxy: Any, stock_rate: float) -> None:
     """8b and 8c, with real Celery workers on Redis sharing this process's
     SQLite file; the workers' SMTP traffic goes through ``proxy``."""
@@ -176,11 +191,13 @@ def bench_queued_latency(authserver: Any, proxy: Any, stock_rate: float) -> None
         # b. one mailbox, the provider's concurrency.
         elapsed, stats = queued([message("alice@example.test", i) for i in range(MESSAGES)])
         rate = MESSAGES / elapsed
+        shares, busy = claims_in_flight()
         print(
             f"  b. one mailbox, {MESSAGES} messages, queued, 3 workers (solo pool, Redis), "
             f"batches of {mailgov_settings.OUTBOX_BATCH_SIZE}: {rate:6.1f} messages/s, "
-            f"{stats.connections} connections, "
-            f"{stats.round_trips / MESSAGES:.2f} round trips a message in all"
+            f"{stats.round_trips / MESSAGES:.2f} round trips a message in all, "
+            f"{stats.connections} new connections; sent per worker {shares}, "
+            f"{busy / elapsed:.1f} batches in flight on average"
         )
         print(f"queued latency ratio (3 connections)/stock: {rate / stock_rate:.2f}")
         # c. 100 mailboxes x 5 messages, 2 workers.

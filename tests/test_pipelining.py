@@ -195,3 +195,19 @@ def test_server_dropping_the_connection_mid_flight(connect, proxy, smtp, fault):
     # The next batch opens a fresh connection and goes out.
     setattr(smtp.faults, fault, False)
     assert EmailBackend().send_messages(messages(2)) == 2
+
+
+def test_the_client_socket_sends_each_write_at_once(connect, proxy, smtp):
+    """TCP_NODELAY: the EHLO that follows the TLS Finished (and any write
+    after a write not yet acknowledged) goes out at once, not a round trip
+    (or a 40 ms delayed ACK) later."""
+    import socket
+
+    mailbox = connect("alice")
+    backend = EmailBackend(mailbox=mailbox)
+    backend.open()
+    try:
+        sock = backend.connection.sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        backend.close()

@@ -61,7 +61,12 @@ def _sweep(name: str, work: Any, **kwargs: Any) -> dict[str, Any] | None:
         return run.result
 
 
-@shared_task(name="mailgov.deliver_outbox", ignore_result=True)
+# acks_late: a prefork worker whose processes are all busy sending reserves
+# no more delivery tasks (acked on receipt, the running ones would free its
+# prefetch window, and it would hold the next one, perhaps the fan-out meant
+# for an idle worker, until a process is free). Redelivery is harmless: the
+# outbox rows decide what is sent.
+@shared_task(name="mailgov.deliver_outbox", ignore_result=True, acks_late=True)
 def deliver_outbox(mailbox_id: str | None = None, kind: str = "mail") -> dict[str, int]:
     """Send the due outbox messages of one mailbox (or the due notices)."""
     return delivery.deliver(mailbox_id=mailbox_id, kind=kind, fan_out=outbox.publish)

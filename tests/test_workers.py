@@ -417,3 +417,15 @@ def test_sigterm_closes_the_connections_a_worker_kept(workers, two_boxes, smtp):
     assert smtp.transcript.count("QUIT") == 1
     assert not KeptConnection.objects.exists()
     assert "kept connection" not in worker.log()  # no warning: it was recorded and forgotten
+
+
+def test_one_mailbox_gets_the_providers_three_connections(workers, two_boxes, smtp):
+    """One mailbox's mail fans out to three workers, each with its own
+    connection (the provider's limit): a worker busy sending reserves no
+    other delivery task, so each fan-out reaches an idle worker."""
+    workers(3, OUTBOX_BATCH_SIZE=10, SMTP_IDLE_SECONDS=0)
+    enqueue("alice@example.test", 150)
+    wait_for(lambda: states()[State.SENT] == 150, 120, "150 messages sent")
+    senders = set(OutboxAttempt.objects.filter(outcome="sent").values_list("worker", flat=True))
+    assert len(senders) == 3
+    assert len(smtp.messages) == 150

@@ -406,7 +406,7 @@ def deliver(
                 break
             batches += 1
             _fan_out(claim, batches, kind, fan_out, now_fn)
-            backend = _backend_for(backends, claim, worker)
+            backend = _backend_for(backends, claim)
             counts = send_claim(claim, now_fn=now_fn, backend=backend)
             if backend is not None and set(counts) - {Outcome.SENT}:
                 # Any error (a refusal, a lost connection, a pause): a fresh
@@ -433,7 +433,7 @@ def smtp_backend(mailbox: Mailbox, *, keep_connection: bool = False) -> Any:
     return backend
 
 
-def _backend_for(backends: dict[Any, Any], claim: Claim, worker: str) -> Any:
+def _backend_for(backends: dict[Any, Any], claim: Claim) -> Any:
     """One backend per mailbox within a deliver() run, taken from the pool
     (with its connection, if one was kept); a connection past its time
     (:meth:`ConnectionPool.keep_until`) is closed and the next batch reopens
@@ -442,7 +442,7 @@ def _backend_for(backends: dict[Any, Any], claim: Claim, worker: str) -> Any:
         return None
     backend = backends.get(claim.mailbox.pk)
     if backend is None:
-        backend = backends[claim.mailbox.pk] = POOL.take(claim.mailbox, worker)
+        backend = backends[claim.mailbox.pk] = POOL.take(claim.mailbox)
     elif backend.connection is not None and POOL.keep_until(backend) is None:
         backend.close()
     return backend
@@ -452,6 +452,7 @@ def _backend_for(backends: dict[Any, Any], claim: Claim, worker: str) -> Any:
 class _Kept:
     backend: Any
     until: float  # time.monotonic()
+    worker: str  # its KeptConnection row's holder
 
 
 class ConnectionPool:
@@ -463,8 +464,9 @@ class ConnectionPool:
     EHLO and AUTH (six round trips or more). The contract:
 
     * Per thread: a connection is only ever given back to, and taken by, the
-      thread that opened it (entries are keyed by ``worker_name()``, which
-      names the thread). smtplib connections are not thread-safe.
+      thread that opened it (entries are keyed by the thread's identity,
+      whatever ``worker`` name the caller gives). smtplib connections are not
+      thread-safe.
     * Closed, never reused: after its idle time; past
       :data:`CONNECTION_MAX_AGE_SECONDS` since it was opened; within the
       refresh margin of the expiry of the token it authenticated with; after
@@ -481,18 +483,18 @@ class ConnectionPool:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._idle: dict[tuple[str, Any], _Kept] = {}
+        self._idle: dict[tuple[int, Any], _Kept] = {}
         self._timer: threading.Timer | None = None
         self._timer_at = 0.0
 
     # -- for deliver() -----------------------------------------------------
-    def take(self, mailbox: Mailbox, worker: str) -> Any:
+    def take(self, mailbox: Mailbox) -> Any:
         """A backend for ``mailbox``: the one this thread kept, if still good,
         else a new one (which opens its connection on first use)."""
         with self._lock:
-            kept = self._idle.pop((worker, mailbox.pk), None)
+            kept = self._idle.pop((threading.get_ident(), mailbox.pk), None)
         if kept is not None:
-            _unrecord(mailbox.pk, worker)
+            _unrecord(mailbox.pk, kept.worker)
             backend = kept.backend
             if kept.until > time.monotonic() and _quiet(backend):
                 return backend
@@ -513,9 +515,10 @@ class ConnectionPool:
             logger.warning("kept connection of mailbox %s not recorded: closed", mailbox.pk)
             backend.close()
             return
+        key = (threading.get_ident(), mailbox.pk)
         with self._lock:
-            previous = self._idle.pop((worker, mailbox.pk), None)
-            self._idle[(worker, mailbox.pk)] = _Kept(backend, until)
+            previous = self._idle.pop(key, None)
+            self._idle[key] = _Kept(backend, until, worker)
             self._schedule(until)
         if previous is not None and previous.backend is not backend:
             previous.backend.close()
@@ -556,10 +559,9 @@ class ConnectionPool:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-        for item in kept.values():
+        for (_thread, mailbox_pk), item in kept.items():
             item.backend.close()
-        for worker, mailbox_pk in kept:
-            _unrecord(mailbox_pk, worker)
+            _unrecord(mailbox_pk, item.worker)
         return len(kept)
 
     def __len__(self) -> int:

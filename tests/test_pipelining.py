@@ -215,3 +215,23 @@ def test_the_client_socket_sends_each_write_at_once(connect, proxy, smtp):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_refused_message_fails_alone_in_its_batch(connect, proxy, smtp, pipelining):
+    """The server refuses one message of a queued batch for good (552 at the
+    end of DATA): that message fails, the rest of the batch is sent over the
+    same connection; none is failed for another's refusal."""
+    from mailgov import delivery
+    from mailgov.outcomes import Outcome
+    from tests.test_outbox import queue
+
+    connect("alice")
+    smtp.faults.no_pipelining = not pipelining
+    smtp.faults.data_reply = "552 5.3.4 Message size exceeds fixed limit"
+    smtp.faults.data_reply_count = 1
+    queue("alice@example.test", count=4)
+    proxy.reset_stats()
+    assert delivery.deliver() == {Outcome.FAILED: 1, Outcome.SENT: 3}
+    assert len(smtp.messages) == 3
+    assert proxy.stats.connections == 1

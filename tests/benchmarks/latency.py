@@ -137,6 +137,13 @@ def claims_in_flight() -> tuple[str, float]:
 
     from mailgov.models import OutboxAttempt
 
+    # A batch's attempt rows are finished after its send log, just after
+    # its messages show as sent: wait for the last ones.
+    deadline = time.perf_counter() + 10
+    while OutboxAttempt.objects.filter(outcome="started").exists():
+        if time.perf_counter() > deadline:
+            break
+        time.sleep(0.01)
     sent = OutboxAttempt.objects.filter(outcome="sent")
     shares = Counter(sent.values_list("worker", flat=True))
     spans = sent.values("claim_id").annotate(start=Min("started_at"), end=Max("finished_at"))

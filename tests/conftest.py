@@ -25,6 +25,7 @@ from mailgov.providers import TokenResponse
 from mailgov.providers.oidc import clear_discovery_cache
 from mailgov.services import connect_mailbox, connect_mailbox_from_code
 from mailgov.testing.ca import TLSFiles, ensure_tls_files
+from mailgov.testing.latency import LatencyProxy
 from mailgov.testing.oauth import authorize
 from mailgov.testing.peers import AuthServer, free_port, start_authserver
 from mailgov.testing.smtpserver import Faults, SubmissionServer
@@ -105,6 +106,15 @@ def smtp(smtp_server) -> Iterator[SubmissionServer]:
     smtp_server.faults = Faults()
     yield smtp_server
     smtp_server.faults = Faults()
+
+
+@pytest.fixture
+def proxy(smtp, settings, demo_provider) -> Iterator[LatencyProxy]:
+    """The demo provider's SMTP traffic through a :class:`LatencyProxy` with
+    no delay, which counts connections and round trips."""
+    with LatencyProxy("127.0.0.1", smtp.port, delay=0) as running:
+        settings.MAILGOV_PROVIDERS = {"demo": {**demo_provider, "smtp_port": running.port}}
+        yield running
 
 
 def provider_config(authserver: AuthServer, smtp_port: int, tls: TLSFiles) -> dict:

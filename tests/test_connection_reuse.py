@@ -28,13 +28,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def proxy(smtp, settings, demo_provider):
-    with LatencyProxy("127.0.0.1", smtp.port, delay=0) as running:
-        settings.MAILGOV_PROVIDERS = {"demo": {**demo_provider, "smtp_port": running.port}}
-        yield running
-
-
-@pytest.fixture
 def alice(connect, proxy):
     return connect("alice")
 

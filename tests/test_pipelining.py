@@ -19,14 +19,6 @@ from mailgov.testing.latency import LatencyProxy
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture
-def proxy(smtp, settings, demo_provider):
-    """The demo provider's SMTP traffic through a counting proxy."""
-    with LatencyProxy("127.0.0.1", smtp.port, delay=0) as running:
-        settings.MAILGOV_PROVIDERS = {"demo": {**demo_provider, "smtp_port": running.port}}
-        yield running
-
-
 def messages(count: int, recipients: list[str] | None = None, body: str = "Body.\n") -> list:
     return [
         EmailMessage(

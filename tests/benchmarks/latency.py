@@ -26,7 +26,6 @@ c. 100 mailboxes x 5 messages, queued, 2 workers: the time against the
 
 from __future__ import annotations
 
-import ssl
 import tempfile
 import time
 import uuid
@@ -34,7 +33,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.benchmarks.lifecycle import QUEUED, connect_many, mint_tokens
+from tests.benchmarks.lifecycle import (
+    QUEUED,
+    connect_many,
+    mint_tokens,
+    stock_backend,
+    wait_until_sent,
+)
 
 #: One-way delay of the link, seconds.
 DELAY = 0.010
@@ -76,21 +81,10 @@ def bench_latency(authserver: Any, smtp_port: int, tls: Any, password: str) -> N
 
 def bench_one_connection(proxy: Any, tls: Any, password: str) -> float:
     """8a; returns the stock backend's messages/s."""
-    from django.core.mail.backends.smtp import EmailBackend as StockBackend
-
     from mailgov.backends.smtp import EmailBackend as MailgovBackend
 
-    def stock_backend() -> Any:
-        backend = StockBackend(
-            host="127.0.0.1",
-            port=proxy.port,
-            username="bench@example.test",
-            password=password,
-            use_tls=True,
-            timeout=30,
-        )
-        backend.ssl_context = ssl.create_default_context(cafile=str(tls.ca_cert))
-        return backend
+    def stock() -> Any:
+        return stock_backend(proxy.port, password, tls)
 
     def run(make_backend: Any, sender: str, count: int) -> tuple[float, int]:
         batch = [message(sender, i) for i in range(count)]
@@ -106,7 +100,7 @@ def bench_one_connection(proxy: Any, tls: Any, password: str) -> float:
     # with one message, to tell set-up from per-message round trips.
     results = {}
     for label, make, sender in (
-        ("stock", stock_backend, "bench@example.test"),
+        ("stock", stock, "bench@example.test"),
         ("mailgov", MailgovBackend, "alice@example.test"),
     ):
         run(make, sender, 3)
@@ -170,23 +164,13 @@ def bench_queued_latency(authserver: Any, proxy: Any, stock_rate: float) -> None
     )
     env = worker_env(settings.MAILGOV_PROVIDERS, broker)
     workers = [Worker(f"latency{n}", env, work) for n in range(3)]
-    State = OutboxMessage.State
 
     def queued(batch: list[Any]) -> tuple[float, Any]:
         OutboxMessage.objects.all().delete()
         proxy.reset_stats()
         start = time.perf_counter()
         get_connection(QUEUED).send_messages(batch)
-        rows = OutboxMessage.objects.filter(kind=OutboxMessage.Kind.MAIL)
-        while rows.filter(state=State.SENT).count() < len(batch):
-            if (
-                time.perf_counter() - start > 300
-                or rows.exclude(state__in=[State.QUEUED, State.SENDING, State.SENT]).exists()
-            ):
-                states = Counter(rows.values_list("state", flat=True))
-                logs = "\n".join(worker.log()[-2000:] for worker in workers)
-                raise SystemExit(f"queued delivery stalled: {dict(states)}\n{logs}")
-            time.sleep(0.01)
+        wait_until_sent(len(batch), start, workers)
         return time.perf_counter() - start, proxy.stats
 
     try:

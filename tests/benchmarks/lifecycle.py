@@ -145,6 +145,45 @@ def bench_enqueue(messages: int, rounds: int, folder: Path) -> None:
     print(f"enqueue ratio queued/bulk_create: {best_queued / best_bulk:.2f}")
 
 
+def wait_until_sent(count: int, start: float, workers: list[Any]) -> None:
+    """Poll until ``count`` outbox rows are sent; give up, with the workers'
+    logs, when a row ends otherwise or 300 s after ``start``."""
+    from collections import Counter
+
+    from mailgov.models import OutboxMessage
+
+    State = OutboxMessage.State
+    rows = OutboxMessage.objects.filter(kind=OutboxMessage.Kind.MAIL)
+    while rows.filter(state=State.SENT).count() < count:
+        if (
+            time.perf_counter() - start > 300
+            or rows.exclude(state__in=[State.QUEUED, State.SENDING, State.SENT]).exists()
+        ):
+            states = Counter(rows.values_list("state", flat=True))
+            logs = "\n".join(worker.log()[-2000:] for worker in workers)
+            raise SystemExit(f"queued delivery stalled: {dict(states)}\n{logs}")
+        time.sleep(0.01)
+
+
+def stock_backend(port: int, password: str, tls: Any) -> Any:
+    """Django's stock SMTP backend, logging in as ``bench@example.test`` with
+    ``password`` over STARTTLS, trusting the demo CA."""
+    import ssl
+
+    from django.core.mail.backends.smtp import EmailBackend
+
+    backend = EmailBackend(
+        host="127.0.0.1",
+        port=port,
+        username="bench@example.test",
+        password=password,
+        use_tls=True,
+        timeout=30,
+    )
+    backend.ssl_context = ssl.create_default_context(cafile=str(tls.ca_cert))
+    return backend
+
+
 def bench_queued(messages: int, rounds: int, provider: dict[str, Any], work: Path) -> None:
     import uuid
     from collections import Counter
@@ -156,7 +195,6 @@ def bench_queued(messages: int, rounds: int, provider: dict[str, Any], work: Pat
     from mailgov.models import OutboxAttempt, OutboxMessage
     from tests.workers.harness import REDIS, Worker, use_broker, worker_env
 
-    State = OutboxMessage.State
     both = ["alice@example.test", "bob@example.test"]
     # A key prefix of its own: no other run's messages, none left behind.
     prefix = f"mailgov-bench-{uuid.uuid4().hex[:12]}:"
@@ -185,16 +223,7 @@ def bench_queued(messages: int, rounds: int, provider: dict[str, Any], work: Pat
         start = time.perf_counter()
         backend.send_messages(batch)
         enqueued = time.perf_counter() - start
-        rows = OutboxMessage.objects.filter(kind=OutboxMessage.Kind.MAIL)
-        while rows.filter(state=State.SENT).count() < messages:
-            if (
-                time.perf_counter() - start > 300
-                or rows.exclude(state__in=[State.QUEUED, State.SENDING, State.SENT]).exists()
-            ):
-                states = Counter(rows.values_list("state", flat=True))
-                logs = "\n".join(worker.log()[-2000:] for worker in workers)
-                raise SystemExit(f"queued delivery stalled: {dict(states)}\n{logs}")
-            time.sleep(0.02)
+        wait_until_sent(messages, start, workers)
         elapsed = time.perf_counter() - start
         shares = Counter(
             OutboxAttempt.objects.filter(outcome="sent").values_list("worker", flat=True)

@@ -61,7 +61,7 @@ from typing import Any
 
 from tests.benchmarks.governance import bench_governance
 from tests.benchmarks.latency import bench_latency
-from tests.benchmarks.lifecycle import SWEEP_MAILBOXES, bench_outbox, bench_refresh
+from tests.benchmarks.lifecycle import SWEEP_MAILBOXES, bench_outbox, bench_refresh, stock_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,27 +120,16 @@ def peers(password_accounts: dict[str, str] | None = None) -> Iterator[tuple[Any
 # -- 1. sending -------------------------------------------------------------------
 def bench_send(messages: int, batch: int, rounds: int) -> None:
     import secrets
-    import ssl
 
     from django.core.mail import EmailMessage
-    from django.core.mail.backends.smtp import EmailBackend as StockBackend
 
     from mailgov.backends.smtp import EmailBackend as MailgovBackend
 
     password = secrets.token_urlsafe(16)
     with peers({"bench@example.test": password}) as (_authserver, port, tls):
 
-        def stock_backend():
-            backend = StockBackend(
-                host="127.0.0.1",
-                port=port,
-                username="bench@example.test",
-                password=password,
-                use_tls=True,
-                timeout=30,
-            )
-            backend.ssl_context = ssl.create_default_context(cafile=str(tls.ca_cert))
-            return backend
+        def stock():
+            return stock_backend(port, password, tls)
 
         def run(make_backend, sender: str) -> float:
             batches = [
@@ -164,13 +153,13 @@ def bench_send(messages: int, batch: int, rounds: int) -> None:
                 raise SystemExit(f"only {sent} of {messages} messages were sent")
             return messages / elapsed
 
-        run(stock_backend, "bench@example.test")  # warm-up
+        run(stock, "bench@example.test")  # warm-up
         run(MailgovBackend, "alice@example.test")
-        stock, ours = [], []
+        stock_rates, ours = [], []
         for _ in range(rounds):
-            stock.append(run(stock_backend, "bench@example.test"))
+            stock_rates.append(run(stock, "bench@example.test"))
             ours.append(run(MailgovBackend, "alice@example.test"))
-        best_stock, best_ours = max(stock), max(ours)
+        best_stock, best_ours = max(stock_rates), max(ours)
         print(f"send: {messages} messages in batches of {batch}, best of {rounds} rounds")
         print(f"  stock SMTP backend (password): {best_stock:8.0f} messages/s")
         print(f"  mailgov backend (XOAUTH2):     {best_ours:8.0f} messages/s")

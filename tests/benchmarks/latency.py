@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,8 @@ from tests.benchmarks.lifecycle import (
     QUEUED,
     connect_many,
     mint_tokens,
+    redis_workers,
+    sent_per_worker,
     stock_backend,
     wait_until_sent,
 )
@@ -131,15 +131,8 @@ def claims_in_flight() -> tuple[str, float]:
 
     from mailgov.models import OutboxAttempt
 
-    # A batch's attempt rows are finished after its send log, just after
-    # its messages show as sent: wait for the last ones.
-    deadline = time.perf_counter() + 10
-    while OutboxAttempt.objects.filter(outcome="started").exists():
-        if time.perf_counter() > deadline:
-            break
-        time.sleep(0.01)
+    shares = sent_per_worker()
     sent = OutboxAttempt.objects.filter(outcome="sent")
-    shares = Counter(sent.values_list("worker", flat=True))
     spans = sent.values("claim_id").annotate(start=Min("started_at"), end=Max("finished_at"))
     busy = sum((span["end"] - span["start"]).total_seconds() for span in spans)
     return "/".join(map(str, sorted(shares.values(), reverse=True))), busy
@@ -148,22 +141,15 @@ def claims_in_flight() -> tuple[str, float]:
 def bench_queued_latency(authserver: Any, proxy: Any, stock_rate: float) -> None:
     """8b and 8c, with real Celery workers on Redis sharing this process's
     SQLite file; the workers' SMTP traffic goes through ``proxy``."""
-    import redis
     from django.conf import settings
     from django.core.mail import get_connection
 
     from mailgov.conf import mailgov_settings
     from mailgov.models import OutboxMessage
-    from tests.workers.harness import REDIS, Worker, use_broker, worker_env
 
     work = Path(tempfile.mkdtemp(prefix="mailgov-bench-latency-"))
-    prefix = f"mailgov-bench-{uuid.uuid4().hex[:12]}:"
-    broker = {"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0", "CELERY_BROKER_KEYPREFIX": prefix}
-    use_broker(
-        broker["CELERY_BROKER_URL"], {"visibility_timeout": 3600, "global_keyprefix": prefix}
-    )
-    env = worker_env(settings.MAILGOV_PROVIDERS, broker)
-    workers = [Worker(f"latency{n}", env, work) for n in range(3)]
+    grants = mint_tokens(authserver, MAILBOXES, per_user="lat")
+    connect_many("lat", grants, 0, MAILBOXES)
 
     def queued(batch: list[Any]) -> tuple[float, Any]:
         OutboxMessage.objects.all().delete()
@@ -173,11 +159,7 @@ def bench_queued_latency(authserver: Any, proxy: Any, stock_rate: float) -> None
         wait_until_sent(len(batch), start, workers)
         return time.perf_counter() - start, proxy.stats
 
-    try:
-        grants = mint_tokens(authserver, MAILBOXES, per_user="lat")
-        connect_many("lat", grants, 0, MAILBOXES)
-        for worker in workers:
-            worker.start()
+    with redis_workers("latency", 3, settings.MAILGOV_PROVIDERS, work) as workers:
         queued([message("alice@example.test", i) for i in range(6)])  # warm-up
         # b. one mailbox, the provider's concurrency.
         elapsed, stats = queued([message("alice@example.test", i) for i in range(MESSAGES)])
@@ -208,10 +190,3 @@ def bench_queued_latency(authserver: Any, proxy: Any, stock_rate: float) -> None
             f"{bound:.2f} s"
         )
         print(f"latency time/bound (100x5, 2 workers): {elapsed / bound:.2f}")
-    finally:
-        for worker in workers:
-            worker.stop()
-        OutboxMessage.objects.all().delete()
-        client = redis.Redis(*REDIS)
-        for key in client.scan_iter(match=f"{prefix}*"):
-            client.delete(key)

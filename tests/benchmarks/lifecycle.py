@@ -27,12 +27,15 @@ mailbox connected. See its docstring for what each part measures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +151,6 @@ def bench_enqueue(messages: int, rounds: int, folder: Path) -> None:
 def wait_until_sent(count: int, start: float, workers: list[Any]) -> None:
     """Poll until ``count`` outbox rows are sent; give up, with the workers'
     logs, when a row ends otherwise or 300 s after ``start``."""
-    from collections import Counter
-
     from mailgov.models import OutboxMessage
 
     State = OutboxMessage.State
@@ -163,6 +164,20 @@ def wait_until_sent(count: int, start: float, workers: list[Any]) -> None:
             logs = "\n".join(worker.log()[-2000:] for worker in workers)
             raise SystemExit(f"queued delivery stalled: {dict(states)}\n{logs}")
         time.sleep(0.01)
+
+
+def sent_per_worker() -> Counter:
+    """Messages sent by each worker, from the attempt rows. A batch's are
+    finished after its send log, just after its messages show as sent (and
+    the clock stopped): wait for the last ones first, a few seconds at most."""
+    from mailgov.models import OutboxAttempt
+
+    deadline = time.perf_counter() + 10
+    while OutboxAttempt.objects.filter(outcome="started").exists():
+        if time.perf_counter() > deadline:
+            break
+        time.sleep(0.01)
+    return Counter(OutboxAttempt.objects.filter(outcome="sent").values_list("worker", flat=True))
 
 
 def stock_backend(port: int, password: str, tls: Any) -> Any:
@@ -184,26 +199,52 @@ def stock_backend(port: int, password: str, tls: Any) -> Any:
     return backend
 
 
-def bench_queued(messages: int, rounds: int, provider: dict[str, Any], work: Path) -> None:
+@contextlib.contextmanager
+def redis_workers(
+    name: str, count: int, providers: dict[str, Any], work: Path
+) -> Iterator[list[Any]]:
+    """``count`` real Celery workers (solo pool) on Redis at 127.0.0.1:6379,
+    started, sharing this process's database and ``providers``; this process
+    publishes to the same broker. Afterwards: the workers stopped, the outbox
+    emptied, and the broker's keys deleted (a key prefix of its own: no
+    other run's messages, none left behind)."""
     import uuid
-    from collections import Counter
 
     import redis
-    from django.core.mail import get_connection
 
-    from mailgov.conf import mailgov_settings
-    from mailgov.models import OutboxAttempt, OutboxMessage
+    from mailgov.models import OutboxMessage
     from tests.workers.harness import REDIS, Worker, use_broker, worker_env
 
-    both = ["alice@example.test", "bob@example.test"]
-    # A key prefix of its own: no other run's messages, none left behind.
     prefix = f"mailgov-bench-{uuid.uuid4().hex[:12]}:"
     broker = {"CELERY_BROKER_URL": "redis://127.0.0.1:6379/0", "CELERY_BROKER_KEYPREFIX": prefix}
     use_broker(
         broker["CELERY_BROKER_URL"], {"visibility_timeout": 3600, "global_keyprefix": prefix}
     )
+    env = worker_env(providers, broker)
+    workers = [Worker(f"{name}{n}", env, work) for n in range(count)]
+    started = list(workers)
+    try:
+        for worker in started:
+            worker.start()
+        yield workers
+    finally:
+        for worker in started:
+            worker.stop()
+        OutboxMessage.objects.all().delete()
+        client = redis.Redis(*REDIS)
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+
+
+def bench_queued(messages: int, rounds: int, provider: dict[str, Any], work: Path) -> None:
+
+    from django.core.mail import get_connection
+
+    from mailgov.conf import mailgov_settings
+    from mailgov.models import OutboxMessage
+
+    both = ["alice@example.test", "bob@example.test"]
     OutboxMessage.objects.all().delete()
-    workers = [Worker(f"bench{n}", worker_env({"demo": provider}, broker), work) for n in range(2)]
 
     def direct() -> float:
         batch = outbox_messages(messages, both)
@@ -225,24 +266,13 @@ def bench_queued(messages: int, rounds: int, provider: dict[str, Any], work: Pat
         enqueued = time.perf_counter() - start
         wait_until_sent(messages, start, workers)
         elapsed = time.perf_counter() - start
-        shares = Counter(
-            OutboxAttempt.objects.filter(outcome="sent").values_list("worker", flat=True)
-        )
+        shares = sent_per_worker()
         counts = sorted(shares.values(), reverse=True) + [0] * (len(workers) - len(shares))
         return elapsed, enqueued, "/".join(map(str, counts))
 
-    try:
-        for worker in workers:
-            worker.start()
+    with redis_workers("bench", 2, {"demo": provider}, work) as workers:
         direct(), queued(both)  # warm-up: connections, discovery, tokens
         runs = [(direct(), queued(both), queued(both[:1])) for _ in range(rounds)]
-    finally:
-        for worker in workers:
-            worker.stop()
-        OutboxMessage.objects.all().delete()
-        client = redis.Redis(*REDIS)
-        for key in client.scan_iter(match=f"{prefix}*"):
-            client.delete(key)
     best_direct = min(run[0] for run in runs)
     two = min((run[1] for run in runs), key=lambda q: q[0])
     one = min((run[2] for run in runs), key=lambda q: q[0])

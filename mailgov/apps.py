@@ -11,12 +11,11 @@ class MailgovConfig(AppConfig):
 
     def ready(self) -> None:
         from auditlog.registry import auditlog
-        from django.conf import settings
         from django.db.models.signals import post_delete, pre_delete
         from django.test.signals import setting_changed
 
         from mailgov import checks, metrics, receivers, signals  # noqa: F401  (registers checks)
-        from mailgov.models import ConsentReceipt, Incident, Mailbox, OutboxMessage
+        from mailgov.models import ConsentReceipt, ErasureRecord, Incident, Mailbox, OutboxMessage
 
         setting_changed.connect(
             receivers.reset_keyring_on_setting_change, dispatch_uid="mailgov.reset_keyring"
@@ -30,19 +29,16 @@ class MailgovConfig(AppConfig):
         # multiprocess mode, where /metrics builds its own registry).
         metrics.register()
         # Deleting a user through Django erases their data first (data-subject
-        # requests: mailgov.privacy); the lazy sender is the user model.
-        pre_delete.connect(
-            receivers.erase_deleted_user,
-            sender=settings.AUTH_USER_MODEL,
-            dispatch_uid="mailgov.erase_deleted_user",
-        )
-        post_delete.connect(
-            receivers.scrub_deleted_user,
-            sender=settings.AUTH_USER_MODEL,
-            dispatch_uid="mailgov.scrub_deleted_user",
-        )
+        # requests: mailgov.privacy). No sender: Django names a proxy of the
+        # user model as the sender when the deletion goes through one; the
+        # receivers check the concrete model.
+        pre_delete.connect(receivers.erase_deleted_user, dispatch_uid="mailgov.erase_deleted_user")
+        post_delete.connect(receivers.scrub_deleted_user, dispatch_uid="mailgov.scrub_deleted_user")
         signals.mailbox_needs_reconsent.connect(
             receivers.log_needs_reconsent, dispatch_uid="mailgov.log_needs_reconsent"
+        )
+        signals.grant_revocation_ended.connect(
+            receivers.note_revocation_for_erasures, dispatch_uid="mailgov.note_revocation"
         )
         # Status, scopes and revocation are audited; the timestamps that move
         # at every send or refresh are not, or the trail would drown in them.
@@ -64,3 +60,6 @@ class MailgovConfig(AppConfig):
         auditlog.register(OutboxMessage, include_fields=["state"])
         auditlog.register(Incident)
         auditlog.register(ConsentReceipt)
+        # An erasure is an action like any other: who, when, from where and
+        # its counts (the record holds no erased data; see mailgov.privacy).
+        auditlog.register(ErasureRecord)

@@ -100,6 +100,11 @@ class GovernanceActionError(MailgovError, ValueError):
     """An unknown governance action, or one asked of the wrong kind of row."""
 
 
+class UserLookupError(MailgovError, LookupError):
+    """No user, or more than one, answers to an identifier given to a
+    data-subject command; the message says which users and how to choose."""
+
+
 class DecryptionError(MailgovError):
     """A stored value could not be decrypted. Names the row and field, never the value."""
 

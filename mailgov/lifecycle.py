@@ -476,7 +476,8 @@ def purge(
     that: ``finished_at``, else ``created_at``), ``bodies``
     (:func:`mailgov.outbox.expire_bodies`), ``receipts`` (consent receipts
     older than ``MAILGOV_RECEIPT_RETENTION_DAYS`` whose grant ended that long
-    ago too: mailbox deleted, or revoked before then. Proof of consent is
+    ago too: mailbox revoked, or its row deleted (``grant_ended_at``), before
+    then. Proof of consent is
     kept while the grant lives and for the full period after it ends, not
     from the receipt's date: it is needed most for a grant's last years),
     ``refreshes`` (refresh history) and ``jobs`` (finished governance jobs)
@@ -490,9 +491,15 @@ def purge(
     now = now or timezone.now()
     logs_before = now - timedelta(days=mailgov_settings.SENDLOG_RETENTION_DAYS)
     receipts_before = now - timedelta(days=mailgov_settings.RECEIPT_RETENTION_DAYS)
-    ended = Q(mailbox__isnull=True) | Q(
-        Q(mailbox__revoked_at__lt=receipts_before) | Q(mailbox__revoked_at__isnull=True),
-        mailbox__status=Mailbox.Status.REVOKED,
+    ended = (
+        # The mailbox row went (deleted, or with its owner's account) that long ago.
+        Q(mailbox__isnull=True, grant_ended_at__lt=receipts_before)
+        # ... before the end was recorded (0010): the receipt's date is all there is.
+        | Q(mailbox__isnull=True, grant_ended_at__isnull=True)
+        | Q(
+            Q(mailbox__revoked_at__lt=receipts_before) | Q(mailbox__revoked_at__isnull=True),
+            mailbox__status=Mailbox.Status.REVOKED,
+        )
     )
     finished = Q(finished_at__lt=logs_before) | Q(
         finished_at__isnull=True, created_at__lt=logs_before

@@ -248,6 +248,11 @@ class ConsentReceipt(models.Model):
     created_at = models.DateTimeField(_("time"), default=timezone.now)
     ip_address = models.CharField(_("IP address (truncated)"), max_length=64, blank=True)
     user_agent = models.CharField(_("browser"), max_length=300, blank=True)
+    # When the grant ended by its mailbox row's deletion (its own, or its
+    # owner's account's): once ``mailbox`` is null, the retention period runs
+    # from here, not from the receipt's date (mailgov.lifecycle.purge). A
+    # revoked mailbox that still exists says when in ``revoked_at``.
+    grant_ended_at = models.DateTimeField(_("grant ended"), null=True, blank=True)
 
     class Meta:
         verbose_name = _("consent receipt")

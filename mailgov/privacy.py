@@ -30,8 +30,17 @@ Consent receipts are kept, pseudonymised, for
 ``MAILGOV_RECEIPT_RETENTION_DAYS`` after their grant ended and are then
 purged (``mailgov_purge``): they are the controller's proof that each grant
 was consented to (GDPR Art. 7(1)), which the law asks it to be able to show
-even after the grant ended. Deleting the account deletes them with it
-(``ConsentReceipt.user`` cascades).
+even after the grant ended. They outlive the account too (``ConsentReceipt.user``
+is set null), their retention running from when the grant ended
+(``grant_ended_at``), not from the account's deletion.
+
+Replacements match whole values only: an address or IP address is not
+replaced inside a longer one (erasing ``bob@example.test`` leaves
+``jimbob@example.test``), and a username is replaced in the rows about the
+user or by them, and elsewhere only where mailgov wrote it as an actor
+(``... by <username>``), never inside other words. A value that is already
+a pseudonym is never pseudonymised again, so erasing twice (or erasing, then
+deleting the account) keeps one pseudonym per value.
 
 The pseudonym's key is derived from ``SECRET_KEY`` (``salted_hmac`` with a
 salt of its own, HMAC-SHA256), not from the mailgov encryption keyring: the
@@ -61,9 +70,12 @@ from django.db.models.signals import pre_save
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
 
+from mailgov.exceptions import UserLookupError
 from mailgov.models import (
+    AdminJob,
     ConsentReceipt,
     ErasureRecord,
+    Incident,
     IncidentEvent,
     Mailbox,
     MailboxCredentials,
@@ -73,7 +85,7 @@ from mailgov.models import (
     RefreshEvent,
     SendLog,
 )
-from mailgov.revocation import revoke_mailbox
+from mailgov.revocation import queue_revocations, revoke_mailbox
 
 security_logger = logging.getLogger("mailgov.security")
 
@@ -103,6 +115,10 @@ UNSENT = (OutboxMessage.State.QUEUED, OutboxMessage.State.HELD)
 CLEARED = "[erased]"
 
 
+#: What :func:`pseudonym` returns: never pseudonymised again.
+PSEUDONYM_RE = re.compile(r"erased-[0-9a-f]{16}(?:@invalid)?", re.IGNORECASE)
+
+
 def pseudonym(value: str, *, address: bool = True) -> str:
     """The keyed-hash pseudonym of ``value`` (case-insensitive):
     ``erased-<hex16>@invalid`` for an address, ``erased-<hex16>`` otherwise."""
@@ -110,16 +126,60 @@ def pseudonym(value: str, *, address: bool = True) -> str:
     return f"erased-{digest[:16]}" + ("@invalid" if address else "")
 
 
+def _is_pseudonym(value: str) -> bool:
+    return PSEUDONYM_RE.fullmatch(value.strip()) is not None
+
+
+#: The prefixes :func:`find_user` understands, and the lookup each makes.
+LOOKUPS = ("id", "username", "email")
+
+
 def find_user(identifier: str) -> Any:
-    """The user named by a username, an email address or an id
-    (``DoesNotExist`` if none, ``MultipleObjectsReturned`` if an email is shared)."""
+    """The one user named by ``identifier``: ``id:<pk>``, ``username:<name>``,
+    ``email:<address>`` (case-insensitive), or with no prefix any of them that
+    fits. Raises :class:`~mailgov.exceptions.UserLookupError` when none does,
+    or when more than one user does (the message lists their ids and the
+    prefix that chooses)."""
     User = get_user_model()
-    query = Q(**{User.USERNAME_FIELD: identifier})
-    if "@" in identifier:
-        query |= Q(email__iexact=identifier)
-    if identifier.isdigit():
-        query |= Q(pk=int(identifier))
-    return User.objects.get(query)
+    identifier = identifier.strip()
+    kind, _sep, value = identifier.partition(":")
+    if kind in LOOKUPS and value:
+        kinds: tuple[str, ...] = (kind,)
+    else:
+        kinds, value = LOOKUPS, identifier
+    if not value:
+        raise UserLookupError("no user named: give a username, an email address or an id")
+    has_email = any(field.name == "email" for field in User._meta.get_fields())
+    found: dict[Any, list[str]] = {}
+    for lookup in kinds:
+        if lookup == "id":
+            try:
+                query = Q(pk=User._meta.pk.to_python(value))
+            except Exception:  # ValidationError: not an id of this user model
+                if kinds == ("id",):
+                    raise UserLookupError(f"{value!r} is not a user id") from None
+                continue
+        elif lookup == "username":
+            query = Q(**{User.USERNAME_FIELD: value})
+        elif not has_email:
+            if kinds == ("email",):
+                raise UserLookupError("the user model has no email field")
+            continue
+        else:
+            query = Q(email__iexact=value)
+        for pk in User.objects.filter(query).values_list("pk", flat=True)[:10]:
+            found.setdefault(pk, []).append(lookup)
+    if not found:
+        raise UserLookupError(f"no user with the {' or '.join(kinds)} {value!r}")
+    if len(found) > 1:
+        which = "; ".join(
+            f"id {pk} (by {' and '.join(how)})" for pk, how in sorted(found.items(), key=str)
+        )
+        raise UserLookupError(
+            f"{value!r} names more than one user: {which}. Choose one with a prefix: "
+            f"id:<id>, username:<name> or email:<address>."
+        )
+    return User.objects.get(pk=next(iter(found)))
 
 
 # -- export -------------------------------------------------------------------------------
@@ -139,17 +199,24 @@ def _content_types() -> dict[str, ContentType]:
 
 
 def _audit_query(
-    user: Any, mailbox_ids: list[str], receipt_ids: list[str], *, by_them: bool = False
+    user: Any,
+    mailbox_ids: list[str],
+    receipt_ids: list[str],
+    *,
+    outbox_ids: list[str] | None = None,
+    by_them: bool = False,
 ) -> Q:
-    """Audit entries about ``user``, their mailboxes or receipts; with
-    ``by_them``, also the entries of what they did (which name others, so
-    they are scrubbed of the user but not exported to them)."""
+    """Audit entries about ``user``, their mailboxes, receipts or outbox
+    messages; with ``by_them``, also the entries of what they did (which name
+    others, so they are scrubbed of the user but not exported to them)."""
     types = _content_types()
     query = (
         Q(content_type=types["user"], object_pk=str(user.pk))
         | Q(content_type=types["mailbox"], object_pk__in=mailbox_ids)
         | Q(content_type=types["receipt"], object_pk__in=receipt_ids)
     )
+    if outbox_ids:
+        query |= Q(content_type=types["outbox"], object_pk__in=outbox_ids)
     return query | Q(actor=user) if by_them else query
 
 
@@ -185,7 +252,10 @@ def export_user(user: Any) -> dict[str, Any]:
     )
     audit = LogEntry.objects.filter(
         _audit_query(
-            user, [str(pk) for pk in mailbox_ids], [str(receipt.pk) for receipt in receipts]
+            user,
+            [str(pk) for pk in mailbox_ids],
+            [str(receipt.pk) for receipt in receipts],
+            outbox_ids=[str(pk) for pk in outbox.values_list("pk", flat=True)],
         )
     ).order_by("timestamp", "pk")
     return {
@@ -209,6 +279,8 @@ def export_user(user: Any) -> dict[str, Any]:
                 "last_refreshed": _date(mailbox.last_refreshed_at),
                 "revoked": _date(mailbox.revoked_at),
                 "revocation_reason": mailbox.revocation_reason,
+                "sending_paused_until": _date(mailbox.sending_paused_until),
+                "sending_paused_reason": mailbox.sending_paused_reason,
             }
             for mailbox in mailboxes
         ],
@@ -225,6 +297,7 @@ def export_user(user: Any) -> dict[str, Any]:
                 "explanation_version": receipt.explanation_version,
                 "ip_address": receipt.ip_address,
                 "user_agent": receipt.user_agent,
+                "grant_ended": _date(receipt.grant_ended_at),
             }
             for receipt in receipts
         ],
@@ -292,43 +365,98 @@ def export_user(user: Any) -> dict[str, Any]:
 # -- erasure ------------------------------------------------------------------------------
 
 
+def _user_pseudonym(user: Any) -> str:
+    return pseudonym(f"user:{user.get_username()}", address=False)
+
+
 def _replacements(user: Any, addresses: Iterable[str], cleared: Iterable[str]) -> dict[str, str]:
-    """Original value (lowercased) -> what replaces it."""
+    """Original value (lowercased) -> what replaces it. Values that are
+    pseudonyms already are left out: they are never pseudonymised again."""
     found: dict[str, str] = {}
     for address in addresses:
-        if address:
-            found[address.lower()] = pseudonym(address)
-    email = getattr(user, "email", "") or ""
-    if email:
+        if address and not _is_pseudonym(address):
+            found[address.strip().lower()] = pseudonym(address)
+    email = (getattr(user, "email", "") or "").strip()
+    if email and not _is_pseudonym(email):
         found.setdefault(email.lower(), pseudonym(email))
     username = user.get_username()
-    if username:
-        found.setdefault(username.lower(), pseudonym(f"user:{username}", address=False))
+    if username and not _is_pseudonym(username):
+        found.setdefault(username.lower(), _user_pseudonym(user))
     for value in cleared:
         if value and value.lower() not in found:
             found[value.lower()] = CLEARED
     return found
 
 
-def _pattern(replacements: dict[str, str]) -> re.Pattern[str] | None:
+#: Around a replaced value: not inside a longer address, name or number
+#: (``bob@example.test`` is not replaced in ``jimbob@example.test`` nor in
+#: ``bob@example.test.org``; a sentence's full stop may follow it).
+_BEFORE = r"(?<![\w.+@-])"
+_AFTER = r"(?![\w@-]|\.\w)"
+
+
+def _pattern(replacements: dict[str, str], *, prefix: str = "") -> re.Pattern[str] | None:
     if not replacements:
         return None
     # Longest first: an address is replaced whole before the username inside it.
     words = sorted(replacements, key=len, reverse=True)
-    return re.compile("|".join(re.escape(word) for word in words), re.IGNORECASE)
+    alternatives = "|".join(re.escape(word) for word in words)
+    return re.compile(f"{prefix}{_BEFORE}(?:{alternatives}){_AFTER}", re.IGNORECASE)
 
 
 def _replace(value: Any, pattern: re.Pattern[str], replacements: dict[str, str]) -> Any:
+    """``value`` with every whole match replaced; in JSON, values only (a
+    key is a field name, never the user's data)."""
     if isinstance(value, str):
         return pattern.sub(lambda match: replacements[match.group(0).lower()], value)
     if isinstance(value, list):
         return [_replace(item, pattern, replacements) for item in value]
     if isinstance(value, dict):
-        return {
-            _replace(key, pattern, replacements): _replace(item, pattern, replacements)
-            for key, item in value.items()
-        }
+        return {key: _replace(item, pattern, replacements) for key, item in value.items()}
     return value
+
+
+#: mailgov's free-text columns that may quote an address or name an actor
+#: (a governance reason is "admin: revoked by <username>"), in any row.
+FREE_TEXT = (
+    (Mailbox, ("revocation_reason", "sending_paused_reason")),
+    (OutboxMessage, ("held_reason",)),
+    (Incident, ("title", "summary", "notice_subject", "notice_body")),
+    (IncidentEvent, ("note",)),
+    (AdminJob, ("error",)),
+)
+
+
+def scrub_free_text(replacements: dict[str, str], username: str = "") -> int:
+    """Replace the addresses of ``replacements`` (whole) in mailgov's
+    free-text columns of every row, and ``username`` where a row names it as
+    who acted (``by <username>``). Returns rows changed."""
+    addresses = {key: value for key, value in replacements.items() if "@" in key}
+    address_pattern = _pattern(addresses)
+    actor = username.lower() if username and not _is_pseudonym(username) else ""
+    actor_pattern = _pattern({actor: replacements[actor]}, prefix=r"(?<=\bby )") if actor else None
+    changed = 0
+    for model, fields in FREE_TEXT:
+        query = Q(pk__in=[])
+        for field in fields:
+            for value in addresses:
+                query |= Q(**{f"{field}__icontains": value})
+            if actor:
+                query |= Q(**{f"{field}__icontains": f"by {actor}"})
+        for row in model.objects.filter(query).only("pk", *fields).iterator(chunk_size=500):
+            update = {}
+            for field in fields:
+                text = original = getattr(row, field)
+                if address_pattern is not None:
+                    text = _replace(text, address_pattern, addresses)
+                if actor_pattern is not None:
+                    text = _replace(text, actor_pattern, replacements)
+                if text != original:
+                    update[field] = text
+            if update:
+                model.objects.filter(pk=row.pk).update(**update)
+                changed += 1
+    return changed
 
 
 #: The audit entries' text fields that may quote an erased value.
@@ -367,8 +495,14 @@ def scrub_audit(replacements: dict[str, str], related: Q | None = None) -> int:
     return changed
 
 
-def _actor_label(actor: Any) -> str:
+#: The erasure record's "by" when users erased their own data.
+SELF_SERVICE = "the user (self-service)"
+
+
+def _actor_label(actor: Any, user: Any = None) -> str:
     if getattr(actor, "is_authenticated", False):
+        if user is not None and actor.pk == user.pk:
+            return SELF_SERVICE  # never the erased username
         return actor.get_username()
     try:
         return f"shell ({getpass.getuser()})"
@@ -405,6 +539,19 @@ def _erase(user: Any, *, actor: Any = None) -> ErasureRecord:
             revoke_mailbox(mailbox, ERASURE_REASON, defer=True)
             revoked += 1
     counts["grants_revoked"] = revoked
+    # A revocation given up before (the provider unreachable too long) starts
+    # a fresh series now: the erasure is done only when it has happened.
+    retried = Mailbox.objects.filter(
+        pk__in=mailbox_ids, credentials__refresh_token__isnull=False
+    ).exclude(revocation_given_up_at=None)
+    retry_ids = list(retried.values_list("pk", flat=True))
+    retried.update(revocation_attempts=0, revocation_given_up_at=None, revocation_retry_at=now)
+    PendingRevocation.objects.filter(mailbox_id__in=mailbox_ids).exclude(given_up_at=None).update(
+        attempts=0, given_up_at=None, retry_at=now
+    )
+    if retry_ids:
+        transaction.on_commit(lambda: queue_revocations(retry_ids))
+    counts["revocations_restarted"] = len(retry_ids)
     # A revoked mailbox whose earlier revocation is still pending keeps its
     # refresh token for that; an access token is never needed again.
     MailboxCredentials.objects.filter(pk__in=mailbox_ids).update(access_token=None, expires_at=None)
@@ -431,31 +578,48 @@ def _erase(user: Any, *, actor: Any = None) -> ErasureRecord:
         cleared |= {ip, agent}
     replacements = _replacements(user, addresses, cleared)
     for address in addresses:
+        if _is_pseudonym(address):
+            continue  # erased before: one pseudonym per value
         Mailbox.objects.filter(pk__in=mailbox_ids, address__iexact=address).update(
             address=pseudonym(address)
         )
         receipts.filter(address__iexact=address).update(address=pseudonym(address))
     counts["mailboxes_pseudonymised"] = len(mailbox_ids)
     counts["receipts_pseudonymised"] = receipts.update(ip_address="", user_agent="")
-    # Incident timelines keep their counts; only who took a step is renamed.
+    # Incident timelines and erasure records keep their counts; only who took
+    # a step, or asked for an erasure, is renamed.
     counts["incident_steps_renamed"] = IncidentEvent.objects.filter(actor=user).update(
-        actor_label=pseudonym(f"user:{user.get_username()}", address=False)
+        actor_label=_user_pseudonym(user)
     )
+    ErasureRecord.objects.filter(actor=user).update(actor_label=_user_pseudonym(user))
+    counts["free_text_pseudonymised"] = scrub_free_text(replacements, user.get_username())
+    outbox_ids = OutboxMessage.objects.filter(mailbox__in=mailbox_ids).values_list("pk", flat=True)
     related = _audit_query(
         user,
         [str(pk) for pk in mailbox_ids],
         [str(pk) for pk in receipts.values_list("pk", flat=True)],
+        outbox_ids=[str(pk) for pk in outbox_ids],
         by_them=True,
     )
     counts["audit_entries_pseudonymised"] = scrub_audit(replacements, related)
     record = ErasureRecord.objects.create(
         user=user,
-        pseudonym=pseudonym(f"user:{user.get_username()}", address=False),
+        pseudonym=_user_pseudonym(user),
         mailbox_ids=[str(pk) for pk in mailbox_ids],
         actor=actor if getattr(actor, "is_authenticated", False) else None,
-        actor_label=_actor_label(actor),
+        actor_label=_actor_label(actor, user),
         counts=counts,
     )
+    if record.actor_label == SELF_SERVICE:
+        # The subject asked: the audit entry of the record itself names them
+        # (auditlog's actor_email) and where they asked from.
+        scrub_audit(
+            replacements,
+            Q(
+                content_type=ContentType.objects.get_for_model(ErasureRecord),
+                object_pk=str(record.pk),
+            ),
+        )
     # Kept on the instance for the account's deletion (see before_user_deleted).
     user._mailgov_replacements = replacements
     user._mailgov_related = related
@@ -500,11 +664,40 @@ def after_user_deleted(user: Any) -> None:
     if record is None:
         return
     scrub_audit(getattr(user, "_mailgov_replacements", {}), getattr(user, "_mailgov_related", None))
-    # The record was written after Django collected what refers to the user.
+    # The record, and the audit entries of the erasure, were written after
+    # Django collected what refers to the user: a user deleting their own
+    # account is the actor of both, and a reference left to the deleted row
+    # would fail the whole deletion at commit.
     ErasureRecord.objects.filter(pk=record.pk).update(user=None, account_deleted=True)
-    # A user who deleted their own account erased themself.
-    ErasureRecord.objects.filter(pk=record.pk, actor_id=user.pk).update(actor=None)
+    ErasureRecord.objects.filter(actor_id=user.pk).update(actor=None)
+    LogEntry.objects.filter(actor_id=user.pk).update(actor=None)
     transaction.on_commit(lambda: check_erasures(ErasureRecord.objects.filter(pk=record.pk)))
+
+
+def note_revocation(mailbox_id: Any, outcome: str) -> int:
+    """Count ``outcome`` (``revoked``, ``no_endpoint``, ``refused``) of a
+    grant's revocation in the pending erasures that wait for it, so a record
+    says how many grants the providers confirmed revoked and how many they
+    could not (those tokens are wiped all the same). Returns records updated."""
+    key = f"revocations_{outcome}"
+    updated = 0
+    # Few erasures are pending at a time; their mailbox lists are JSON.
+    for record in ErasureRecord.objects.filter(status=ErasureRecord.Status.PENDING):
+        if str(mailbox_id) in record.mailbox_ids:
+            with transaction.atomic():
+                locked = ErasureRecord.objects.select_for_update().get(pk=record.pk)
+                counts = dict(locked.counts)
+                counts[key] = counts.get(key, 0) + 1
+                ErasureRecord.objects.filter(pk=record.pk).update(counts=counts)
+            updated += 1
+    if outcome != "revoked" and updated:
+        security_logger.warning(
+            "erased user's grant %s: revocation at the provider ended %s, not confirmed; "
+            "the token is wiped here",
+            mailbox_id,
+            outcome,
+        )
+    return updated
 
 
 def erasure_pending(record: ErasureRecord) -> bool:

@@ -30,18 +30,49 @@ def keep_grant_for_revocation(*, instance: Any, **kwargs: Any) -> None:
 
     if instance._meta.concrete_model is Mailbox:
         keep_for_revocation(instance)
+        end_receipts(instance)
+
+
+def end_receipts(mailbox: Any) -> None:
+    """The mailbox row is going: its receipts (which outlive it, as proof of
+    consent) say when the grant ended, from which their retention runs."""
+    from django.utils import timezone
+
+    from mailgov.models import ConsentReceipt
+
+    # A mailbox revoked earlier ended its grant then.
+    ended = mailbox.revoked_at if mailbox.status == mailbox.Status.REVOKED else None
+    ConsentReceipt.objects.filter(mailbox_id=mailbox.pk, grant_ended_at__isnull=True).update(
+        grant_ended_at=ended or timezone.now()
+    )
+
+
+def _is_user(instance: Any) -> bool:
+    from django.contrib.auth import get_user_model
+
+    return instance._meta.concrete_model is get_user_model()
 
 
 def erase_deleted_user(*, instance: Any, **kwargs: Any) -> None:
-    """Before a user is deleted (the admin, the ORM): erase their data as
-    ``mailgov_erase_user`` does, their grants first (see :mod:`mailgov.privacy`)."""
-    from mailgov.privacy import before_user_deleted
+    """Before a user is deleted (the admin, the ORM, through a proxy model or
+    not): erase their data as ``mailgov_erase_user`` does, their grants first
+    (see :mod:`mailgov.privacy`)."""
+    if _is_user(instance):
+        from mailgov.privacy import before_user_deleted
 
-    before_user_deleted(instance)
+        before_user_deleted(instance)
 
 
 def scrub_deleted_user(*, instance: Any, **kwargs: Any) -> None:
     """After a user's row is deleted, in the same transaction."""
-    from mailgov.privacy import after_user_deleted
+    if _is_user(instance):
+        from mailgov.privacy import after_user_deleted
 
-    after_user_deleted(instance)
+        after_user_deleted(instance)
+
+
+def note_revocation_for_erasures(*, mailbox_id: Any, outcome: str, **kwargs: Any) -> None:
+    """An erasure waiting for this grant's revocation records how it ended."""
+    from mailgov.privacy import note_revocation
+
+    note_revocation(mailbox_id, outcome)

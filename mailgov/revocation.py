@@ -31,6 +31,7 @@ from mailgov.exceptions import (
 from mailgov.models import Mailbox, MailboxCredentials, PendingRevocation
 from mailgov.outcomes import backoff
 from mailgov.providers import get_mailbox_provider, get_provider
+from mailgov.signals import grant_revocation_ended
 
 logger = logging.getLogger("mailgov")
 security_logger = logging.getLogger("mailgov.security")
@@ -256,6 +257,12 @@ def revoke_deleted(pending_id: Any, *, now=None) -> str:
         logger.warning("deleted mailbox %s: revocation refused: %s", pending.mailbox_id, exc)
         outcome = "refused"
     PendingRevocation.objects.filter(pk=pending.pk).delete()
+    grant_revocation_ended.send(
+        sender=PendingRevocation,
+        mailbox_id=pending.mailbox_id,
+        provider=pending.provider,
+        outcome=outcome,
+    )
     return outcome
 
 
@@ -323,10 +330,14 @@ def revoke_at_provider(mailbox_id: Any, *, now=None) -> str:
         outcome = "refused"
     # Only if still pending: an owner who reconnected during the call has a
     # new token in this row (the old one moved to a PendingRevocation).
-    MailboxCredentials.objects.filter(PENDING, pk=mailbox.pk).update(refresh_token=None)
+    wiped = MailboxCredentials.objects.filter(PENDING, pk=mailbox.pk).update(refresh_token=None)
     Mailbox.objects.filter(pk=mailbox.pk).update(
         revocation_retry_at=None, revocation_given_up_at=None
     )
+    if wiped:
+        grant_revocation_ended.send(
+            sender=Mailbox, mailbox_id=mailbox.pk, provider=mailbox.provider, outcome=outcome
+        )
     return outcome
 
 

@@ -25,3 +25,11 @@ pre_send = Signal()
 #: A batch finished for one mailbox. Arguments: ``mailbox``, ``sent`` (int),
 #: ``failed`` (int).
 post_send = Signal()
+
+#: A grant's revocation at its provider came to an end (no more attempts):
+#: ``mailbox_id`` (the mailbox row may be gone), ``provider`` (its id) and
+#: ``outcome``: ``"revoked"`` (confirmed), ``"no_endpoint"`` (the provider
+#: has none to call: Microsoft) or ``"refused"`` (the provider refused it).
+#: The refresh token is wiped in each case. Sent in the revocation's
+#: transaction. Carries no token.
+grant_revocation_ended = Signal()

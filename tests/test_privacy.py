@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import io
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from auditlog.context import set_actor
 from auditlog.models import LogEntry
 from django.contrib.auth import get_user_model
-from django.core.management import call_command
+from django.contrib.contenttypes.models import ContentType
+from django.core.management import CommandError, call_command
 from django.db import connection
+from django.utils import timezone
 
+from mailgov import governance
+from mailgov.exceptions import UserLookupError
+from mailgov.lifecycle import purge
 from mailgov.models import (
     ConsentReceipt,
     ErasureRecord,
@@ -28,8 +35,15 @@ from mailgov.models import (
     RefreshEvent,
     SendLog,
 )
-from mailgov.privacy import erase_user, export_user, pseudonym
-from mailgov.revocation import retry_revocations
+from mailgov.privacy import (
+    SELF_SERVICE,
+    check_erasures,
+    erase_user,
+    export_user,
+    find_user,
+    pseudonym,
+)
+from mailgov.revocation import retry_revocations, revoke_mailbox
 from tests.conftest import assert_refresh_token_revoked, secrets_of, staff_user
 
 #: The stored form of every encrypted value starts with it (mailgov.crypto).
@@ -314,3 +328,208 @@ def test_erasure_keeps_the_account_and_pseudonymised_receipts(connect):
     assert credentials.access_token is None and credentials.refresh_token is not None
     # The account (username, email) is the host's: only mailgov's tables are clean.
     assert_no_trace(dump(), [value for value in values if value])
+
+
+# -- the general cases of the erasure ------------------------------------------------------
+
+
+class UserProxy(get_user_model()):
+    """A host's proxy of the user model: deleting through it is deleting a user."""
+
+    class Meta:
+        proxy = True
+        app_label = "auth"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_users_deleting_their_own_account_erase_themselves(connect):
+    mailbox = connect("alice")
+    with_history(mailbox)
+    user = mailbox.owner
+    values = traces(user)
+    # As a "delete my account" view does under auditlog's middleware: the
+    # user is the actor of the erasure's own writes, after Django gathered
+    # what refers to the account.
+    with set_actor(user, remote_addr="198.51.100.7"):
+        get_user_model().objects.get(pk=user.pk).delete()
+    assert not get_user_model().objects.filter(pk=user.pk).exists()
+    record = ErasureRecord.objects.get()
+    assert record.account_deleted and record.actor is None
+    assert record.actor_label == SELF_SERVICE
+    assert not LogEntry.objects.filter(actor_id=user.pk).exists()
+    assert_no_trace(dump(), [*values, "198.51.100.7"])
+
+
+@pytest.mark.django_db
+def test_deleting_through_a_proxy_of_the_user_model_erases_too(connect):
+    mailbox = connect("alice")
+    with_history(mailbox)
+    values = traces(mailbox.owner)
+    UserProxy.objects.filter(pk=mailbox.owner.pk).delete()
+    record = ErasureRecord.objects.get()
+    assert record.account_deleted and record.counts["grants_revoked"] == 1
+    assert_no_trace(dump(), values)
+
+
+@pytest.mark.django_db
+def test_only_whole_values_are_replaced(connect, site_user):
+    # A short username, and an address inside a longer one of someone else.
+    owner = site_user("on")
+    owner.email = "bob@example.test"
+    owner.save()
+    alice = connect("alice")
+    # Another owner's row that quotes look-alikes (searched for, since it
+    # holds the address, but not a match) stays as it is.
+    kept = "jimbob@example.test bob@example.test.org x.bob@example.test stand by online"
+    Mailbox.objects.filter(pk=alice.pk).update(revocation_reason=kept)
+    user_type = ContentType.objects.get_for_model(get_user_model())
+    LogEntry.objects.create(
+        content_type=user_type,
+        object_pk=str(owner.pk),
+        object_repr="on",
+        action=LogEntry.Action.UPDATE,
+        changes={
+            "email": ["", "bob@example.test"],
+            "description": ["online", "on"],
+            "note": ["", "mail bob@example.test."],
+            # A field whose name is the username.
+            "on": [False, True],
+        },
+    )
+    erase_user(owner)
+    alice.refresh_from_db()
+    assert alice.revocation_reason == kept
+    entry = LogEntry.objects.get(content_type=user_type, object_pk=str(owner.pk))
+    name = pseudonym("user:on", address=False)
+    assert entry.object_repr == name
+    # Values only, whole ones; a field's name is never rewritten.
+    assert entry.changes == {
+        "email": ["", pseudonym("bob@example.test")],
+        "description": ["online", name],
+        "note": ["", f"mail {pseudonym('bob@example.test')}."],
+        "on": [False, True],
+    }
+
+
+@pytest.mark.django_db
+def test_an_erased_staff_members_name_leaves_what_they_did(connect):
+    alice = connect("alice")
+    root = get_user_model().objects.create_superuser("root", "root@staff.test", "pw")
+    governance.start("revoke", [alice.pk], user=root)
+    alice.refresh_from_db()
+    assert alice.revocation_reason.endswith("by root")
+    first = erase_user(alice.owner, actor=root)
+    assert first.actor_label == "root"
+    erase_user(root)
+    alice.refresh_from_db()
+    assert alice.revocation_reason.endswith("by " + pseudonym("user:root", address=False))
+    first.refresh_from_db()
+    assert first.actor_label == pseudonym("user:root", address=False)
+    assert_no_trace(dump(), ["root@staff.test"])
+    assert "by root" not in dump()
+
+
+@pytest.mark.django_db
+def test_erasing_twice_keeps_one_pseudonym_per_value(connect):
+    mailbox = connect("alice")
+    with_history(mailbox)
+    user = mailbox.owner
+    erase_user(user)
+    mailbox.refresh_from_db()
+    assert mailbox.address == pseudonym("alice@example.test")
+    # Erasing again (or erasing, then deleting the account) changes nothing
+    # already erased: the send log and timelines still join on one pseudonym.
+    erase_user(user, delete_account=True)
+    receipt = ConsentReceipt.objects.get()
+    assert receipt.address == pseudonym("alice@example.test")
+    assert ErasureRecord.objects.count() == 2
+    assert pseudonym(pseudonym("alice@example.test")) not in dump()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_revocation_the_provider_refuses_is_recorded_not_lost(authserver, connect):
+    mailbox = connect("alice")
+    with authserver.faults(revoke=400):
+        record = erase_user(mailbox.owner)
+        assert record.status == ErasureRecord.Status.PENDING
+        assert retry_revocations(due_only=True)["refused"] == 1
+    call_command("mailgov_erase_user", "--check", stdout=io.StringIO())
+    record.refresh_from_db()
+    assert record.status == ErasureRecord.Status.DONE
+    assert record.counts["revocations_refused"] == 1
+    assert "revocations_revoked" not in record.counts
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_revocation_given_up_before_is_restarted_by_the_erasure(authserver, connect, settings):
+    settings.MAILGOV_REVOCATION_MAX_ATTEMPTS = 1
+    mailbox = connect("alice")
+    [_access, refresh] = secrets_of(mailbox)
+    with authserver.faults(revoke=503):
+        revoke_mailbox(mailbox, "user: disconnected")
+        retry_revocations(due_only=True, now=timezone.now() + timedelta(hours=1))
+    mailbox.refresh_from_db()
+    assert mailbox.revocation_given_up_at is not None
+    # The periodic sweep would never take it again; the erasure does.
+    record = erase_user(mailbox.owner)
+    assert record.counts["revocations_restarted"] == 1
+    assert record.status == ErasureRecord.Status.PENDING
+    assert retry_revocations(due_only=True)["revoked"] == 1
+    assert_refresh_token_revoked(authserver, refresh)
+    check_erasures()
+    record.refresh_from_db()
+    assert record.status == ErasureRecord.Status.DONE
+    assert record.counts["revocations_revoked"] == 1
+
+
+@pytest.mark.django_db
+def test_receipts_are_kept_for_the_full_period_after_the_account_goes(connect, settings):
+    settings.MAILGOV_RECEIPT_RETENTION_DAYS = 1000
+    mailbox = connect("alice")
+    with_history(mailbox)
+    ConsentReceipt.objects.update(created_at=timezone.now() - timedelta(days=1100))
+    get_user_model().objects.get(pk=mailbox.owner.pk).delete()
+    [receipt] = ConsentReceipt.objects.all()
+    assert receipt.mailbox is None and receipt.grant_ended_at is not None
+    # The grant ended today: its proof is kept for the full period from now.
+    assert purge(now=timezone.now() + timedelta(days=999))["receipts"] == 0
+    assert ConsentReceipt.objects.exists()
+    assert purge(now=timezone.now() + timedelta(days=1001))["receipts"] == 1
+
+
+@pytest.mark.django_db
+def test_a_user_is_named_without_ambiguity(site_user):
+    bob = site_user("bob")
+    # A username that is another user's id, and an email two users share.
+    clash = site_user(str(bob.pk))
+    User = get_user_model()
+    User.objects.filter(pk__in=[bob.pk, clash.pk]).update(email="Shared@Example.test")
+    for identifier in (str(bob.pk), "shared@example.test"):
+        with pytest.raises(CommandError, match=r"names more than one user: id .*prefix"):
+            call_command("mailgov_export_user", identifier, stdout=io.StringIO())
+    assert find_user(f"id:{bob.pk}") == bob
+    assert find_user(f"username:{bob.pk}") == clash
+    assert find_user("username:bob") == find_user("bob") == bob
+    with pytest.raises(UserLookupError, match="more than one"):
+        find_user("email:SHARED@example.test")
+    with pytest.raises(UserLookupError, match="no user with the username 'nobody'"):
+        find_user("username:nobody")
+    with pytest.raises(UserLookupError, match="not a user id"):
+        find_user("id:abc")
+    with pytest.raises(CommandError, match="no user with the id or username or email 'ghost'"):
+        call_command("mailgov_erase_user", "ghost", "--yes", stdout=io.StringIO())
+
+
+@pytest.mark.django_db
+def test_the_export_holds_the_audit_entries_of_the_users_messages(connect):
+    mailbox = connect("alice")
+    with_history(mailbox)
+    row = OutboxMessage.objects.get(message_id="<b.privacy@mailgov.test>")
+    row.state = OutboxMessage.State.CANCELLED
+    row.save()
+    export = export_user(mailbox.owner)
+    about = [
+        entry for entry in export["audit_entries"] if entry["about"] == "mailgov.outboxmessage"
+    ]
+    assert about and any("cancelled" in json.dumps(entry["changes"]) for entry in about)
+    assert ENVELOPE not in json.dumps(export)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
+from mailgov.exceptions import UserLookupError
 from mailgov.models import ErasureRecord
 from mailgov.privacy import check_erasures, erase_user, find_user
 
@@ -15,7 +16,11 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("user", nargs="?", help="username, email address or id")
+        parser.add_argument(
+            "user",
+            nargs="?",
+            help="username, email address or id; a prefix id:, username: or email: chooses",
+        )
         parser.add_argument(
             "--check",
             action="store_true",
@@ -36,8 +41,8 @@ class Command(BaseCommand):
             raise CommandError("name the user (username, email address or id), or --check")
         try:
             subject = find_user(user)
-        except Exception as exc:  # DoesNotExist, MultipleObjectsReturned
-            raise CommandError(f"no single user {user!r}: {type(exc).__name__}") from exc
+        except UserLookupError as exc:
+            raise CommandError(str(exc)) from exc
         if not yes:
             what = "erase the data and delete the account" if delete_account else "erase the data"
             answer = input(f"{what} of user {subject.pk}? This cannot be undone. [y/N] ")

@@ -4,6 +4,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
+from mailgov.exceptions import UserLookupError
 from mailgov.privacy import export_user, find_user
 
 
@@ -15,14 +16,16 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("user", help="username, email address or id")
+        parser.add_argument(
+            "user", help="username, email address or id; a prefix id:, username: or email: chooses"
+        )
         parser.add_argument("--output", "-o", help="write to this file instead of stdout")
 
     def handle(self, *args, user, output=None, **options):
         try:
             subject = find_user(user)
-        except Exception as exc:  # DoesNotExist, MultipleObjectsReturned
-            raise CommandError(f"no single user {user!r}: {type(exc).__name__}") from exc
+        except UserLookupError as exc:
+            raise CommandError(str(exc)) from exc
         text = json.dumps(export_user(subject), indent=2, ensure_ascii=False)
         if output:
             with open(output, "w", encoding="utf-8") as file:

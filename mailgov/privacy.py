@@ -55,6 +55,7 @@ runs the same erasure: see :func:`mailgov.receivers.erase_deleted_user`.
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import re
 from collections.abc import Iterable
@@ -478,8 +479,12 @@ def scrub_audit(replacements: dict[str, str], related: Q | None = None) -> int:
         query |= related
     for value in replacements:
         if "@" in value:
-            for field in (*AUDIT_TEXT, *AUDIT_JSON):
+            for field in AUDIT_TEXT:
                 query |= Q(**{f"{field}__icontains": value})
+            # JSON as stored: SQLite keeps a non-ASCII character \u-escaped.
+            for form in {value, json.dumps(value)[1:-1]}:
+                for field in AUDIT_JSON:
+                    query |= Q(**{f"{field}__icontains": form})
     changed = 0
     for entry in LogEntry.objects.filter(query).iterator(chunk_size=500):
         fields = {

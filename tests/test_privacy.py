@@ -533,3 +533,18 @@ def test_the_export_holds_the_audit_entries_of_the_users_messages(connect):
     ]
     assert about and any("cancelled" in json.dumps(entry["changes"]) for entry in about)
     assert ENVELOPE not in json.dumps(export)
+
+
+@pytest.mark.django_db
+def test_a_non_ascii_address_is_found_wherever_the_audit_trail_quotes_it(site_user, connect):
+    owner = site_user("jorg")
+    owner.email = "jörg@exämple.test"
+    owner.save()
+    alice = connect("alice")
+    # An entry about someone else's row that quotes the address, in JSON.
+    LogEntry.objects.log_create(
+        alice, action=LogEntry.Action.UPDATE, changes={"note": ["", "cc jörg@exämple.test"]}
+    )
+    erase_user(owner)
+    entry = LogEntry.objects.get(object_pk=str(alice.pk), changes__has_key="note")
+    assert entry.changes["note"] == ["", f"cc {pseudonym('jörg@exämple.test')}"]

@@ -10,10 +10,12 @@ timeout, so a broken proxy fails a test instead of hanging the suite. No databas
 from __future__ import annotations
 
 import contextlib
+import queue
 import random
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -34,7 +36,11 @@ class PeerServer:
     """A threaded TCP server: sends ``greeting`` on accept, then echoes (or closes).
 
     Created bound but not listening when ``listen=False``: connections to it are then
-    refused until ``listen()``.
+    refused until ``listen()``. It waits ``greeting_delay`` seconds after accepting (a
+    reset sooner may reach the other side before its ``connect()`` has returned, which
+    then fails). With ``reset=True`` it closes with a reset (RST) instead of a FIN. With
+    ``echo=False`` it reads without answering, and puts what each connection sent and
+    how it ended (:func:`read_until_closed`) on ``received``.
     """
 
     def __init__(
@@ -42,12 +48,19 @@ class PeerServer:
         greeting: bytes = b"",
         *,
         close_after_greeting: bool = False,
+        reset: bool = False,
+        greeting_delay: float = 0.0,
+        echo: bool = True,
         listen: bool = True,
         split: int = 1,
     ) -> None:
         self.greeting = greeting
         self.split = split
         self.close_after_greeting = close_after_greeting
+        self.reset = reset
+        self.greeting_delay = greeting_delay
+        self.echo = echo
+        self.received: queue.Queue[tuple[bytes, str]] = queue.Queue()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.bind(("127.0.0.1", 0))
         self.host, self.port = self._sock.getsockname()
@@ -89,9 +102,15 @@ class PeerServer:
 
     def _serve(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
+            time.sleep(self.greeting_delay)
             if self.greeting:
                 conn.sendall(self.greeting)
             if self.close_after_greeting:
+                if self.reset:
+                    reset_on_close(conn)
+                return
+            if not self.echo:
+                self.received.put(read_until_closed(conn))
                 return
             while data := conn.recv(65536):
                 # ``split`` writes per echo, as a server answers a pipelined
@@ -133,6 +152,22 @@ def exchange(sock: socket.socket, message: bytes = b"ping\r\n") -> float:
     sock.sendall(message)
     assert recv_exactly(sock, len(message)) == message
     return time.perf_counter() - started
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make ``close()`` abort the connection: the peer gets a reset (RST), not a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def read_until_closed(sock: socket.socket) -> tuple[bytes, str]:
+    """Everything the peer sent, and how the connection ended: ``"eof"`` or ``"reset"``."""
+    received = bytearray()
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        return bytes(received), "reset"
+    return bytes(received), "eof"
 
 
 def is_closed(sock: socket.socket) -> bool:
@@ -308,6 +343,121 @@ def test_a_server_close_reaches_the_client_after_its_data() -> None:
             assert bytes(received) == server.greeting
     finally:
         server.stop()
+
+
+def test_a_server_reset_reaches_the_client_after_its_data() -> None:
+    """A server that writes a reply and aborts (RST): the client reads the reply, then
+    the reset, as on a direct connection; the proxy must not drop what it still holds
+    (at 50 ms the reply is in the proxy when the reset comes)."""
+    delay = 0.05
+    # Reply and reset while the proxy still charges the handshake (2 * delay): both wait
+    # in the proxy's socket when it starts forwarding.
+    server = PeerServer(
+        b"421 4.3.2 Service shutting down\r\n",
+        close_after_greeting=True,
+        reset=True,
+        greeting_delay=0.02,
+    )
+    try:
+        with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as c:
+            direct = read_until_closed(c)
+        with LatencyProxy(server.host, server.port, delay) as proxy:
+            started = time.perf_counter()
+            with connect(proxy) as c:
+                proxied = read_until_closed(c)
+            elapsed = time.perf_counter() - started
+            stats = proxy.stats
+    finally:
+        server.stop()
+    assert direct == (server.greeting, "reset")
+    assert proxied == direct
+    # The reply, and the reset after it, no sooner than the handshake and one delay.
+    assert elapsed >= 3 * delay - EARLY
+    assert stats == ProxyStats(
+        connections=1, round_trips=1, bytes_down=len(server.greeting), flights_down=1
+    )
+
+
+def test_a_client_reset_reaches_the_server_after_its_data() -> None:
+    delay = 0.05
+    request = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+    server = PeerServer(echo=False)
+
+    def send_and_reset(port: int) -> tuple[bytes, str]:
+        with socket.create_connection((server.host, port), timeout=TIMEOUT) as c:
+            c.sendall(request)
+            reset_on_close(c)
+        return server.received.get(timeout=TIMEOUT)
+
+    try:
+        direct = send_and_reset(server.port)
+        with LatencyProxy(server.host, server.port, delay) as proxy:
+            proxied = send_and_reset(proxy.port)
+            stats = proxy.stats
+    finally:
+        server.stop()
+    assert direct == (request, "reset")
+    assert proxied == direct
+    assert stats == ProxyStats(connections=1, round_trips=1, bytes_up=len(request), flights_up=1)
+
+
+def test_a_write_to_a_closed_server_resets_the_client_after_the_eof() -> None:
+    """The server replies and closes; the client writes on: the server's kernel resets
+    the proxy's connection, and the proxy passes that reset on to the client after the
+    reply and the end of file, so the client's writes fail as on a direct connection
+    (where the first write after the reset fails; here a later one, as the proxy sees
+    the reset only when it writes)."""
+    delay = 0.02
+    server = PeerServer(b"421 4.3.2 Service shutting down\r\n", close_after_greeting=True)
+    try:
+        with LatencyProxy(server.host, server.port, delay) as proxy, connect(proxy) as c:
+            assert read_until_closed(c) == (server.greeting, "eof")
+            with pytest.raises((BrokenPipeError, ConnectionResetError)):  # noqa: PT012
+                for _ in range(10):
+                    c.sendall(b"QUIT\r\n")
+                    time.sleep(4 * delay)
+    finally:
+        server.stop()
+
+
+def test_a_reset_waits_for_data_the_client_is_slow_to_read() -> None:
+    """Megabytes the proxy has read reach a client that reads late, then the reset:
+    the proxy resets only once its own send queue is empty (an abort with data still
+    queued in the kernel would discard it)."""
+    payload = random.Random(2).randbytes(8 * 1024 * 1024)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(TIMEOUT)
+    read_by_proxy = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(payload)
+            # Reset only once the proxy has read it all: our own abort would discard
+            # what our kernel still holds.
+            read_by_proxy.wait(TIMEOUT)
+            reset_on_close(conn)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        with (
+            LatencyProxy("127.0.0.1", listener.getsockname()[1], 0.005) as proxy,
+            connect(proxy) as c,
+        ):
+            deadline = time.monotonic() + TIMEOUT
+            while proxy.stats.bytes_down < len(payload) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            read_by_proxy.set()
+            time.sleep(0.2)  # the reset is due at the proxy, the client has read nothing
+            received, ending = read_until_closed(c)
+    finally:
+        read_by_proxy.set()
+        server.join(TIMEOUT)
+        listener.close()
+    assert len(received) == len(payload)
+    assert received == payload
+    assert ending == "reset"
 
 
 def test_stop_closes_open_connections_and_leaves_no_thread(echo_server: PeerServer) -> None:

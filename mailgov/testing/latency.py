@@ -26,9 +26,18 @@ Contract:
   ``(2 * connect_round_trips + 1) * delay`` after connect: 1.5 round trips by default.
 - **Half-close and close.** An end of file from one side is forwarded after the data
   queued before it, with the same delay, as a half-close (``shutdown(SHUT_WR)``); once
-  both directions have ended, both sockets are closed. An error on either side (a reset,
-  a broken pipe) aborts both. A target that refuses the connection makes the proxy drop
-  the client's connection, after the handshake time; the proxy goes on serving.
+  both directions have ended, both sockets are closed.
+- **Resets.** An error reading from one side (a reset, ``ECONNRESET``) is forwarded like
+  an end of file: after the data read before it, with the same delay, as a reset (RST)
+  of the other side, which therefore reads that data and then ``ECONNRESET``, as it
+  would on a direct connection. The proxy sends the RST only once its send queue to
+  that side is empty (on Linux; elsewhere once the data is in the kernel). Data queued
+  the other way, toward the side that failed, is dropped, as that side's kernel would
+  drop it. An error writing to a side means the same as reading one: a reset passed
+  on after what the proxy read from that side (its end of file included). Either way
+  the connection is over once the reset is delivered.
+- **Refused.** A target that refuses the connection makes the proxy drop the client's
+  connection, after the handshake time; the proxy goes on serving.
 - **Lifecycle.** ``start()`` binds in the caller's thread (a bind error is raised there)
   and serves from one asyncio event loop in a daemon thread; ``stop()`` closes the
   listener and every connection, and joins the thread: nothing keeps running after it.
@@ -64,11 +73,15 @@ import logging
 import math
 import signal
 import socket
+import struct
 import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from types import TracebackType
+
+if sys.platform != "win32":
+    import fcntl
 
 __all__ = ["LatencyProxy", "ProxyStats", "main"]
 
@@ -79,6 +92,12 @@ READ_SIZE = 64 * 1024
 
 _UP = "up"  # client to server
 _DOWN = "down"  # server to client
+
+# Queued after a side's data when reading from it failed: reset the other side there.
+_RESET = None
+
+# <linux/sockios.h>: the bytes of a socket's send queue not sent yet.
+_SIOCOUTQNSD = 0x894B
 
 _thread_numbers = itertools.count(1)
 
@@ -109,6 +128,29 @@ class _Turns:
 
     def __init__(self) -> None:
         self.last: str | None = None
+
+
+class _Direction:
+    """One direction of one connection: the chunks read from one side, each with its
+    due time, to be written to the other (touched by the loop thread only).
+
+    A chunk is data, ``b""`` for an end of file, or ``_RESET``; nothing follows the
+    last two.
+    """
+
+    __slots__ = ("ended", "forwarding", "name", "queue")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.queue: asyncio.Queue[tuple[float, bytes | None]] = asyncio.Queue()
+        # How the source's side ended, once its reader has queued it: "eof" or "reset".
+        self.ended: str | None = None
+        # The task writing the queue to the other side.
+        self.forwarding: asyncio.Task[None] | None = None
+
+
+class _ConnectionReset(Exception):
+    """A reset was passed on: the connection is over."""
 
 
 class LatencyProxy:
@@ -310,6 +352,10 @@ class LatencyProxy:
             )
             self._accepted.discard(client_sock)  # its transport owns it now
             writers.append(client_writer)
+            # Nothing is read before forwarding starts: the kernel keeps data and a
+            # reset in order, where a StreamReader that has failed drops the data it
+            # holds (read() raises first).
+            client_writer.transport.pause_reading()
             try:
                 server_reader, server_writer = await asyncio.open_connection(
                     self.target_host, self.target_port, limit=READ_SIZE
@@ -325,21 +371,32 @@ class LatencyProxy:
                 await _sleep_until(loop, forwarding_at)
                 return
             writers.append(server_writer)
+            server_writer.transport.pause_reading()
             upstream_sock = server_writer.get_extra_info("socket")
             if upstream_sock is not None:
                 upstream_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await _sleep_until(loop, forwarding_at)
+            # The readers below await before the first read callback can run (both
+            # are queued behind them), and from then on they always await.
+            client_writer.transport.resume_reading()
+            server_writer.transport.resume_reading()
             turns = _Turns()
-            upstream: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-            downstream: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+            upstream, downstream = _Direction(_UP), _Direction(_DOWN)
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._read(client_reader, upstream, _UP, turns))
-                group.create_task(self._write(upstream, server_writer))
-                group.create_task(self._read(server_reader, downstream, _DOWN, turns))
-                group.create_task(self._write(downstream, client_writer))
+                group.create_task(self._read(client_reader, upstream, turns))
+                group.create_task(self._read(server_reader, downstream, turns))
+                upstream.forwarding = group.create_task(
+                    self._write(upstream, server_writer, downstream, client_writer)
+                )
+                downstream.forwarding = group.create_task(
+                    self._write(downstream, client_writer, upstream, server_writer)
+                )
             clean = True
+        except* _ConnectionReset:
+            # Passed on to one side, which is aborted already; the other side failed.
+            logger.debug("LatencyProxy passed on a reset")
         except* (OSError, EOFError) as group:
-            # A reset or a broken pipe on either side: drop both (``clean`` stays False).
+            # Not expected (errors on the sockets are passed on as resets): drop both.
             logger.debug("LatencyProxy connection failed: %r", group.exceptions)
         finally:
             for writer in writers:
@@ -354,20 +411,25 @@ class LatencyProxy:
             client_sock.close()
 
     async def _read(
-        self,
-        reader: asyncio.StreamReader,
-        queue: asyncio.Queue[tuple[float, bytes]],
-        direction: str,
-        turns: _Turns,
+        self, reader: asyncio.StreamReader, direction: _Direction, turns: _Turns
     ) -> None:
-        """Stamp each chunk read with its due time and queue it; an empty chunk is EOF."""
+        """Stamp each chunk read with its due time and queue it, then the EOF or reset."""
         loop = asyncio.get_running_loop()
         while True:
-            chunk = await reader.read(READ_SIZE)
-            queue.put_nowait((loop.time() + self.delay, chunk))
-            if not chunk:
+            try:
+                chunk = await reader.read(READ_SIZE)
+            except OSError as exc:
+                # A reset (or a failed write to this side, which asyncio reports here
+                # too): after the data read before it, as a TCP peer sees a RST.
+                logger.debug("LatencyProxy read %s failed: %r", direction.name, exc)
+                direction.ended = "reset"
+                direction.queue.put_nowait((loop.time() + self.delay, _RESET))
                 return
-            self._record(direction, len(chunk), turns)
+            direction.queue.put_nowait((loop.time() + self.delay, chunk))
+            if not chunk:
+                direction.ended = "eof"
+                return
+            self._record(direction.name, len(chunk), turns)
 
     def _record(self, direction: str, size: int, turns: _Turns) -> None:
         new_flight = turns.last != direction
@@ -380,19 +442,73 @@ class LatencyProxy:
         turns.last = direction
 
     async def _write(
-        self, queue: asyncio.Queue[tuple[float, bytes]], writer: asyncio.StreamWriter
+        self,
+        direction: _Direction,
+        writer: asyncio.StreamWriter,
+        reverse: _Direction,
+        reverse_writer: asyncio.StreamWriter,
     ) -> None:
-        """Write each queued chunk at its due time, in order; forward EOF as a half-close."""
+        """Write each queued chunk at its due time, in order; forward EOF as a half-close
+        and a reset as a reset.
+
+        ``reverse`` is the other direction, whose source is this one's destination (and
+        ``reverse_writer`` writes to this one's source): a failed write passes a reset
+        back that way.
+        """
         loop = asyncio.get_running_loop()
         while True:
-            due, chunk = await queue.get()
+            due, chunk = await direction.queue.get()
             await _sleep_until(loop, due)
+            if chunk is _RESET:
+                await _reset(writer)
+                raise _ConnectionReset
             if not chunk:
                 if writer.can_write_eof():
                     writer.write_eof()
                 return
-            writer.write(chunk)
-            await writer.drain()
+            try:
+                writer.write(chunk)
+                await writer.drain()
+            except OSError as exc:
+                logger.debug("LatencyProxy write %s failed: %r", direction.name, exc)
+                break
+        # The destination is gone: drop what is queued for it. asyncio reports the
+        # failure to its reader as well, which passes the reset on after the data it
+        # read; unless that reader has ended already, with an end of file, which the
+        # reverse writer then delivers before the reset.
+        if reverse.ended != "eof":
+            return
+        due = loop.time() + self.delay
+        if reverse.forwarding is not None:
+            await reverse.forwarding
+        await _sleep_until(loop, due)
+        await _reset(reverse_writer)
+        raise _ConnectionReset
+
+
+async def _reset(writer: asyncio.StreamWriter) -> None:
+    """Abort ``writer``'s connection with a RST, once what was written to it has left.
+
+    A close with ``SO_LINGER`` 0 sends a RST and discards the socket's send queue, so
+    first wait for asyncio's buffer and (where the kernel says) the send queue to empty.
+    """
+    transport = writer.transport
+    sock = writer.get_extra_info("socket")
+    with contextlib.suppress(OSError):  # gone already: nothing to deliver or reset
+        transport.set_write_buffer_limits(0)
+        await writer.drain()
+        if sock is not None:
+            while _unsent(sock):
+                await asyncio.sleep(0.001)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+def _unsent(sock: socket.socket) -> int:
+    """Bytes in ``sock``'s send queue not sent yet; 0 where the kernel does not say."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, b"\0" * 4))[0]
 
 
 async def _sleep_until(loop: asyncio.AbstractEventLoop, when: float) -> None:

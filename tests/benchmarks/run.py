@@ -377,7 +377,7 @@ def main() -> int:
     if args.part in ("all", "latency"):
         password = secrets.token_urlsafe(16)
         with peers({"bench@example.test": password}) as (authserver, port, tls):
-            bench_latency(authserver, port, tls, password)
+            bench_latency(authserver, port, tls, password, args.rounds)
     for part in ("rotation", "governance"):
         if args.part not in ("all", part):
             continue

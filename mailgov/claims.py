@@ -29,7 +29,11 @@ from django.db.models import Count, F, Sum
 from django.utils import timezone
 
 from mailgov.conf import mailgov_settings
-from mailgov.exceptions import MailgovConfigurationError, ProviderChangedError
+from mailgov.exceptions import (
+    MailboxUnavailableError,
+    MailgovConfigurationError,
+    ProviderChangedError,
+)
 from mailgov.freeze import block_of
 from mailgov.models import KeptConnection, Mailbox, OutboxAttempt, OutboxMessage
 from mailgov.outcomes import MAILBOX_HOLD_CODES
@@ -38,7 +42,7 @@ from mailgov.throttling import allowance, quota_for
 
 State = OutboxMessage.State
 
-__all__ = ["Claim", "claim_batch", "worker_name"]
+__all__ = ["Claim", "claim_batch", "may_hold_connection", "other_holders", "worker_name"]
 
 
 def worker_name() -> str:
@@ -178,26 +182,17 @@ def _gate(mailbox: Mailbox, now: datetime, worker: str = "") -> Room | None:
         # rather than retried in a loop by every worker.
         _hold_mailbox(mailbox, "configuration", "configuration: invalid quota", now)
         return None
-    # Claims still running: each is one connection (against the provider's
-    # limit); their messages, sent or not, are not in the send log yet (it is
-    # written when a batch ends), so they count against the quotas here.
-    in_flight = OutboxMessage.objects.filter(
-        mailbox=mailbox, state__in=[State.SENDING, State.SENT], lease_expires_at__gt=now
-    ).aggregate(
-        claims=Count("claim_id", distinct=True),
-        messages=Count("pk"),
-        recipients=Sum("recipient_count"),
-    )
-    # Connections other workers keep open, idle, for this mailbox count too
-    # (the provider counts open connections); this worker's own would carry
-    # this claim.
-    kept = (
-        KeptConnection.objects.filter(mailbox=mailbox, expires_at__gt=now)
-        .exclude(holder=worker)
-        .count()
-    )
-    if in_flight["claims"] + kept >= quota.concurrency:
+    # The provider counts open connections, busy or idle: every other
+    # holder's, claiming or keeping one. This worker's own, if open, will
+    # carry this claim.
+    if other_holders(mailbox, worker, now) >= quota.concurrency:
         return None  # the provider's connection limit: the next claim will do
+    # Claims still running: their messages, sent or not, are not in the send
+    # log yet (it is written when a batch ends), so they count against the
+    # quotas here.
+    in_flight = _in_flight(mailbox, now).aggregate(
+        messages=Count("pk"), recipients=Sum("recipient_count")
+    )
     allow = allowance(mailbox, quota, now)
     allowed = 1 << 30
     if allow.messages is not None:
@@ -210,6 +205,59 @@ def _gate(mailbox: Mailbox, now: datetime, worker: str = "") -> Room | None:
             _defer(mailbox.pk, allow.opens_at, "quota", now)
         return None
     return Room(allowed, recipients, quota.recipients_per_day)
+
+
+def _in_flight(mailbox: Mailbox, now: datetime):
+    """``mailbox``'s rows claimed and still leased: sending, or sent in a
+    batch whose send log is not written yet."""
+    return OutboxMessage.objects.filter(
+        mailbox=mailbox, state__in=[State.SENDING, State.SENT], lease_expires_at__gt=now
+    )
+
+
+def other_holders(mailbox: Mailbox, worker: str, now: datetime | None = None) -> int:
+    """How many holders other than ``worker`` have a connection of ``mailbox``
+    open (or may open one) now: the provider's count of its connections.
+
+    A holder (``host:pid:thread``, :func:`worker_name`) is counted once,
+    whether it runs a claim (rows leased to it), keeps its connection
+    between batches or idles it (a live :class:`KeptConnection` row), or
+    all of these at once: one thread sends a mailbox's mail over one
+    connection. ``worker`` itself is left out: its own connection, if any,
+    is the one its next claim will use. Rows of a worker that died stop
+    counting when their lease or ``expires_at`` passes.
+    """
+    now = now or timezone.now()
+    holder = worker[:200]
+    # order_by(): no default ordering inside a compound statement.
+    claiming = (
+        _in_flight(mailbox, now).exclude(claimed_by=holder).order_by().values_list("claimed_by")
+    )
+    keeping = (
+        KeptConnection.objects.filter(mailbox=mailbox, expires_at__gt=now)
+        .exclude(holder=holder)
+        .order_by()
+        .values_list("holder")
+    )
+    # UNION (not UNION ALL): a holder both claiming and keeping counts once.
+    return claiming.union(keeping).count()
+
+
+def may_hold_connection(mailbox: Mailbox, worker: str, now: datetime | None = None) -> bool:
+    """Whether ``worker``'s open connection of ``mailbox`` fits the provider's
+    connection limit (``Quota.concurrency``) beside the other holders'.
+
+    ``False`` when the others fill the limit (the limit was lowered, or
+    rows expired and others claimed meanwhile) or the mailbox's provider or
+    quota cannot be read: the connection must then be closed rather than kept
+    idle on top of the limit (Microsoft answers the surplus one with ``432
+    4.3.2`` and the mailbox is paused).
+    """
+    try:
+        quota = quota_for(get_mailbox_provider(mailbox))
+    except (MailgovConfigurationError, MailboxUnavailableError):
+        return False
+    return other_holders(mailbox, worker, now) < quota.concurrency
 
 
 #: How long a message that does not fit the recipients left today waits.

@@ -28,7 +28,8 @@ from django.db import DatabaseError, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from mailgov.claims import Claim, _defer, _due, claim_batch, worker_name
+from mailgov.backends.smtp import TRANSPORT_ERRORS
+from mailgov.claims import Claim, _defer, _due, claim_batch, may_hold_connection, worker_name
 from mailgov.conf import mailgov_settings
 from mailgov.exceptions import (
     DecryptionError,
@@ -45,7 +46,7 @@ logger = logging.getLogger("mailgov.outbox")
 State = OutboxMessage.State
 Outcome = OutboxAttempt.Outcome
 
-__all__ = ["Claim", "claim_batch", "deliver", "send_claim", "worker_name"]
+__all__ = ["Claim", "claim_batch", "close_kept", "deliver", "send_claim", "worker_name"]
 
 
 @dataclass
@@ -168,11 +169,16 @@ def _record(batch: _Batch, row: OutboxMessage, verdict: Verdict) -> None:
     now = batch.now_fn()
     claim = batch.claim
     fields: dict[str, Any] = {
-        "lease_expires_at": None,
         "error_code": verdict.error_code[:64],
         "reply_code": verdict.reply_code,
     }
     outcome = verdict.outcome
+    if outcome != Outcome.SENT:
+        # No longer in flight. A message sent (to some recipients only:
+        # partly_refused) keeps its lease, as _mark_sent's do, until the
+        # batch's send log is written (_finish_sent_attempts): until then
+        # the quota counts it by its lease.
+        fields["lease_expires_at"] = None
     if outcome == Outcome.SENT:
         fields.update(state=State.SENT, sent_at=now, finished_at=now, payload=None)
     elif outcome == Outcome.RETRY:
@@ -204,6 +210,8 @@ def _record(batch: _Batch, row: OutboxMessage, verdict: Verdict) -> None:
             error_code=fields["error_code"],
         )
     batch.done.add(row.pk)
+    if outcome == Outcome.SENT:
+        batch.sent[row.pk] = now
     batch.counts[outcome] = batch.counts.get(outcome, 0) + 1
 
 
@@ -223,6 +231,18 @@ def send_claim(claim: Claim, *, now_fn: Any = timezone.now, backend: Any = None)
     ``backend`` (a :class:`mailgov.backends.smtp.EmailBackend` for the claim's
     mailbox with ``keep_connection``) lets consecutive batches of one mailbox
     share one authenticated connection; by default each batch opens its own.
+
+    A backend with ``keep_connection`` has its connection recorded as held by
+    ``claim.worker`` (a :class:`KeptConnection` row) from before the batch's
+    first byte until it is closed, busy or idle, so that it counts against
+    the provider's connection limit once the batch's leases have ended. After
+    the batch the connection stays open only if the batch sent every message
+    and the connection has time left (:meth:`ConnectionPool.keep_until`);
+    else it is closed and its row deleted. The caller closes a connection it
+    keeps with :func:`close_kept` (or gives it to :data:`POOL`).
+
+    Messages the batch did not attempt (a lost connection, a pause, the
+    lease's deadline) go back to the queue with no failure counted.
     """
     batch = _Batch(claim, now_fn)
     if claim.kind == OutboxMessage.Kind.NOTIFICATION:
@@ -261,8 +281,19 @@ def send_claim(claim: Claim, *, now_fn: Any = timezone.now, backend: Any = None)
             _record(batch, item.ref, classify(exc, "", now_fn()))
         return batch.counts
     pause: list[Verdict] = []
+    kept = backend is not None and backend.keep_connection
     if backend is None:
         backend = smtp_backend(mailbox)
+    if kept:
+        # Before any I/O, for at least the claim's lease: once the batch's
+        # leases end (_finish_sent_attempts), this row alone counts the
+        # connection that stays open. Unwritten, the claim still counts the
+        # connection while the batch runs, and _settle() closes it after the
+        # batch unless its row can be written then.
+        try:
+            _record_kept(mailbox.pk, claim.worker, float(mailgov_settings.OUTBOX_LEASE_SECONDS))
+        except DatabaseError:
+            logger.warning("connection of mailbox %s not recorded before its batch", mailbox.pk)
     # Stop well inside the lease: a row whose lease ran out may be claimed
     # and sent by another worker, so this one must not send it any more.
     deadline = time.monotonic() + float(mailgov_settings.OUTBOX_LEASE_SECONDS) / 2
@@ -311,18 +342,25 @@ def send_claim(claim: Claim, *, now_fn: Any = timezone.now, backend: Any = None)
         raise
     except Exception as exc:
         _finish_sent_attempts(batch)
-        # Raised after on_result saw every message it concerns; anything
-        # left unrecorded is classified by the same error.
-        for item in items:
-            if item.ref.pk not in batch.done:
-                _record(batch, item.ref, classify(exc, batch.provider_type, now_fn()))
+        # Raised after on_result saw every message it concerns. A transport
+        # error (a lost connection, a refusal) concerns no message after the
+        # one in flight: those were not attempted (below). Anything else (a
+        # pre_send receiver's bug) is charged to what is left, so that it
+        # cannot hold the rows back forever.
+        if not isinstance(exc, TRANSPORT_ERRORS):
+            for item in items:
+                if item.ref.pk not in batch.done:
+                    _record(batch, item.ref, classify(exc, batch.provider_type, now_fn()))
     if pause and pause[0].pause_until is not None:
         _pause(batch, pause[0])
     for item in items:
         if item.ref.pk not in batch.done:
-            # Not attempted (the batch stopped): back to the queue, no failure counted.
+            # Not attempted (the batch stopped, or the connection was lost
+            # before it): back to the queue, no failure counted, no send log.
             until = pause[0].pause_until if pause else now_fn()
             _record(batch, item.ref, Verdict(Outcome.DEFERRED, "not_attempted", None, until))
+    if kept:
+        _settle(backend, claim.worker, clean=set(batch.counts) <= {Outcome.SENT})
     return batch.counts
 
 
@@ -392,7 +430,9 @@ def deliver(
 
     Each mailbox's batches go over one authenticated connection, taken from
     and given back to this thread's :data:`POOL`, so that the next run (the
-    next task) for the mailbox reuses it while it is fresh.
+    next task) for the mailbox reuses it while it is fresh. Open, it counts
+    against the provider's connection limit under ``worker``'s name for its
+    whole life, busy or idle (:func:`send_claim`, :class:`ConnectionPool`).
     """
     worker = worker or worker_name()
     totals: dict[str, int] = {}
@@ -403,24 +443,32 @@ def deliver(
         while max_batches is None or batches < max_batches:
             claim = claim_batch(worker, mailbox_id=mailbox_id, kind=kind, now=now_fn())
             if claim is None:
+                if mailbox_id is not None:
+                    # No room, perhaps because other holders fill the
+                    # provider's connection limit: a connection this thread
+                    # idles for the mailbox must not stay open on top.
+                    POOL.release_surplus(mailbox_id)
                 break
             batches += 1
             _fan_out(claim, batches, kind, fan_out, now_fn)
             backend = _backend_for(backends, claim)
+            # Any error (a refusal, a lost connection, a pause) closes the
+            # connection (send_claim): the next batch gets a fresh one,
+            # never a doubtful one.
             counts = send_claim(claim, now_fn=now_fn, backend=backend)
-            if backend is not None and set(counts) - {Outcome.SENT}:
-                # Any error (a refusal, a lost connection, a pause): a fresh
-                # connection for the next batch, never a doubtful one.
-                backend.close()
             for outcome, count in counts.items():
                 totals[outcome] = totals.get(outcome, 0) + count
         finished = True
     finally:
+        # The loop ended on a claim that found nothing to take (or at
+        # max_batches): each connection is kept for the next run if it may
+        # be (give_back: among other things, only while it fits the
+        # provider's connection limit beside the other holders').
         for backend in backends.values():
             if finished:
                 POOL.give_back(backend, worker)
             else:  # an exception: nothing doubtful is kept
-                backend.close()
+                close_kept(backend, worker)
     return totals
 
 
@@ -442,10 +490,45 @@ def _backend_for(backends: dict[Any, Any], claim: Claim) -> Any:
         return None
     backend = backends.get(claim.mailbox.pk)
     if backend is None:
-        backend = backends[claim.mailbox.pk] = POOL.take(claim.mailbox)
+        backend = backends[claim.mailbox.pk] = POOL.take(claim.mailbox, claim.worker)
     elif backend.connection is not None and POOL.keep_until(backend) is None:
-        backend.close()
+        close_kept(backend, claim.worker)
     return backend
+
+
+def _settle(backend: Any, worker: str, *, clean: bool) -> None:
+    """After a batch over a kept connection: keep it open, recorded until
+    its time is up, if the batch was ``clean`` (every message sent) and it
+    has time left; else close it and delete its row."""
+    until = POOL.keep_until(backend) if clean else None
+    if until is None:
+        close_kept(backend, worker)
+        return
+    _keep_recorded(backend, worker, until)
+
+
+def close_kept(backend: Any, worker: str) -> None:
+    """Close ``backend``'s connection and delete ``worker``'s
+    :class:`KeptConnection` row of its mailbox: the connection no longer
+    counts against the provider's limit."""
+    backend.close()
+    mailbox_pk = getattr(backend.mailbox, "pk", backend.mailbox)
+    if mailbox_pk is not None:
+        _unrecord(mailbox_pk, worker)
+
+
+def _keep_recorded(backend: Any, worker: str, until: float) -> bool:
+    """Record ``backend``'s open connection as ``worker``'s until ``until``
+    (``time.monotonic()``); if the row cannot be written, close the
+    connection rather than leave it uncounted. Whether it is still open."""
+    mailbox_pk = getattr(backend.mailbox, "pk", backend.mailbox)
+    try:
+        _record_kept(mailbox_pk, worker, until - time.monotonic())
+    except DatabaseError:
+        logger.warning("kept connection of mailbox %s not recorded: closed", mailbox_pk)
+        close_kept(backend, worker)
+        return False
+    return True
 
 
 @dataclass
@@ -476,9 +559,14 @@ class ConnectionPool:
       ``worker_shutdown``, i.e. SIGTERM).
     * A timer thread closes connections whose time is up, so an idle worker
       holds no session open. It touches only connections no thread has taken.
-    * A kept connection is recorded in :class:`mailgov.models.KeptConnection`
-      and counts against the provider's connection limit, as the provider
-      counts it, until it is taken again or its time is up.
+    * An open connection is recorded in :class:`mailgov.models.KeptConnection`
+      for its whole life, busy or idle (written before its first batch,
+      refreshed after each, deleted when it is closed, left to expire when
+      the timer closes it or the worker dies), and counts against the
+      provider's connection limit as the provider counts it: one per holder
+      (:func:`mailgov.claims.other_holders`). A connection that no longer
+      fits the limit when it would go idle is closed instead
+      (:meth:`give_back`).
     """
 
     def __init__(self) -> None:
@@ -488,32 +576,37 @@ class ConnectionPool:
         self._timer_at = 0.0
 
     # -- for deliver() -----------------------------------------------------
-    def take(self, mailbox: Mailbox) -> Any:
-        """A backend for ``mailbox``: the one this thread kept, if still good,
-        else a new one (which opens its connection on first use)."""
+    def take(self, mailbox: Mailbox, worker: str) -> Any:
+        """A backend for ``mailbox`` (for ``worker``, who holds a claim of
+        it): the one this thread kept, if still good, else a new one (which
+        opens its connection on first use)."""
         with self._lock:
             kept = self._idle.pop((threading.get_ident(), mailbox.pk), None)
-        if kept is not None:
-            _unrecord(mailbox.pk, kept.worker)
-            backend = kept.backend
-            if kept.until > time.monotonic() and _quiet(backend):
-                return backend
-            backend.close()
+        if kept is None:
+            return smtp_backend(mailbox, keep_connection=True)
+        backend = kept.backend
+        if kept.until > time.monotonic() and _quiet(backend):
+            if kept.worker != worker:
+                # Kept under another name: ``worker``'s claim counts it now,
+                # and its row is written before the batch (send_claim).
+                _unrecord(mailbox.pk, kept.worker)
+            return backend
+        close_kept(backend, kept.worker)
         return smtp_backend(mailbox, keep_connection=True)
 
     def give_back(self, backend: Any, worker: str) -> None:
-        """Keep ``backend``'s connection for this thread's next run, or close it."""
+        """Keep ``backend``'s connection for this thread's next run, or close it.
+
+        Closed when its time is up, and when other holders already fill the
+        provider's connection limit (:func:`mailgov.claims.may_hold_connection`):
+        idle on top of the limit, it would be the connection too many.
+        """
         until = self.keep_until(backend)
         mailbox = backend._connected_mailbox
-        if until is None or mailbox is None:
-            backend.close()
+        if until is None or mailbox is None or not _fits(mailbox, worker):
+            close_kept(backend, worker)
             return
-        try:
-            _record_kept(mailbox.pk, worker, until)
-        except DatabaseError:
-            # Unrecorded, it would not count against the connection limit.
-            logger.warning("kept connection of mailbox %s not recorded: closed", mailbox.pk)
-            backend.close()
+        if not _keep_recorded(backend, worker, until):
             return
         key = (threading.get_ident(), mailbox.pk)
         with self._lock:
@@ -522,6 +615,25 @@ class ConnectionPool:
             self._schedule(until)
         if previous is not None and previous.backend is not backend:
             previous.backend.close()
+
+    def release_surplus(self, mailbox_id: Any) -> bool:
+        """Close this thread's idle connection of ``mailbox_id``, if it keeps
+        one, when it no longer fits the provider's connection limit beside
+        the other holders' (:func:`mailgov.claims.may_hold_connection`);
+        whether one was closed. For a claim of the mailbox that found no
+        room: the connection it would have used must not idle on top of the
+        limit."""
+        key = (threading.get_ident(), Mailbox._meta.pk.to_python(mailbox_id))
+        with self._lock:
+            kept = self._idle.get(key)
+        if kept is None or _fits(kept.backend.mailbox, kept.worker):
+            return False
+        with self._lock:
+            if self._idle.get(key) is not kept:  # the timer closed it meanwhile
+                return False
+            del self._idle[key]
+        close_kept(kept.backend, kept.worker)
+        return True
 
     @staticmethod
     def keep_until(backend: Any) -> float | None:
@@ -586,7 +698,10 @@ def _quiet(backend: Any) -> bool:
 
     A server that timed the session out sent a 421 or closed it: its socket
     is readable (or TLS holds unread bytes). One ``select()`` with no wait
-    finds out, where a NOOP would cost a round trip.
+    finds out, where a NOOP would cost a round trip. What it cannot see (a
+    close landing just after it looked, a link dropped without a word) the
+    backend handles: the first message meets the dead connection before the
+    server answered ``MAIL FROM``, and goes over a new connection instead.
     """
     sock = getattr(backend.connection, "sock", None)
     if sock is None:
@@ -600,21 +715,46 @@ def _quiet(backend: Any) -> bool:
     return not readable
 
 
-def _record_kept(mailbox_pk: Any, worker: str, until: float) -> None:
+def _fits(mailbox: Mailbox, worker: str) -> bool:
+    """:func:`mailgov.claims.may_hold_connection`; ``False`` if the database
+    cannot tell (a connection that might be one too many is closed)."""
+    try:
+        return may_hold_connection(mailbox, worker)
+    except DatabaseError:
+        return False
+
+
+def _record_kept(mailbox_pk: Any, worker: str, seconds: float) -> None:
+    """Record (or extend) ``worker``'s open connection of the mailbox: its
+    :class:`KeptConnection` row counts it until ``seconds`` from now, plus
+    :data:`KEPT_ROW_GRACE_SECONDS`. One ``UPDATE`` a batch once the row
+    exists; rows of the mailbox past their time are deleted when one is
+    created."""
     now = timezone.now()
-    expires = now + timedelta(seconds=until - time.monotonic())
+    holder = worker[:200]
+    expires = now + timedelta(seconds=seconds + KEPT_ROW_GRACE_SECONDS)
+    if KeptConnection.objects.filter(mailbox_id=mailbox_pk, holder=holder).update(
+        expires_at=expires
+    ):
+        return
     KeptConnection.objects.filter(mailbox_id=mailbox_pk, expires_at__lte=now).delete()
     KeptConnection.objects.update_or_create(
-        mailbox_id=mailbox_pk, holder=worker, defaults={"expires_at": expires}
+        mailbox_id=mailbox_pk, holder=holder, defaults={"expires_at": expires}
     )
 
 
 def _unrecord(mailbox_pk: Any, worker: str) -> None:
     try:
-        KeptConnection.objects.filter(mailbox_id=mailbox_pk, holder=worker).delete()
+        KeptConnection.objects.filter(mailbox_id=mailbox_pk, holder=worker[:200]).delete()
     except Exception:  # at shutdown too, where the database may be gone
         # The row expires with the connection's time anyway.
         logger.warning("kept connection of mailbox %s not unrecorded", mailbox_pk)
+
+
+#: How long a :class:`KeptConnection` row outlives the time its connection
+#: may stay open: the timer closes a connection a moment after its time
+#: (and without touching the database), so the row must count it until then.
+KEPT_ROW_GRACE_SECONDS = 1.0
 
 
 #: The longest a worker uses one SMTP connection, however busy (well inside

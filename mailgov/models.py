@@ -416,15 +416,16 @@ class SweepLock(models.Model):
 
 
 class KeptConnection(models.Model):
-    """An authenticated SMTP connection a worker keeps open, idle, for its
-    next batch of the mailbox (:class:`mailgov.delivery.ConnectionPool`).
+    """An authenticated SMTP connection a worker holds open for the mailbox,
+    busy or idle (:class:`mailgov.delivery.ConnectionPool`): written before
+    its first batch, refreshed after each, deleted when it is closed.
 
     It counts against the provider's connection limit
-    (``Quota.concurrency``) like a running claim: Microsoft refuses a fourth
-    connection of a mailbox whether the other three send or idle. Deleted
-    when its holder takes the connection for a claim (which then counts);
-    a row past ``expires_at`` counts for nothing (its connection was closed
-    by then, or its worker died), and is deleted at the next keep."""
+    (``Quota.concurrency``) once per holder, together with the holder's
+    running claims (:func:`mailgov.claims.other_holders`): Microsoft refuses
+    a fourth connection of a mailbox whether the other three send or idle. A
+    row past ``expires_at`` counts for nothing (its connection was closed by
+    then, or its worker died), and is deleted at the next keep."""
 
     mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="+")
     #: ``host:pid:thread`` (:func:`mailgov.claims.worker_name`).

@@ -19,7 +19,7 @@ from mailgov import delivery
 from mailgov.claims import worker_name
 from mailgov.conf import mailgov_settings
 from mailgov.delivery import POOL
-from mailgov.models import KeptConnection, MailboxCredentials, OutboxMessage
+from mailgov.models import KeptConnection, MailboxCredentials, OutboxMessage, SendLog
 from mailgov.outcomes import Outcome
 from mailgov.testing.latency import LatencyProxy
 from tests.test_outbox import queue
@@ -172,3 +172,84 @@ def test_claims_stop_at_the_providers_connection_limit(alice, proxy, smtp, setti
     assert send_claim(first) == {Outcome.SENT: 2}
     third = claim_batch("w3")
     assert third is not None and len(third.rows) == 2
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_kept_connection_dead_before_mail_from_is_reopened_once(
+    alice, proxy, smtp, monkeypatch, pipelining
+):
+    """The server drops the kept connection without a word just after the
+    pool's select() found it quiet (a race no check can close; a link that
+    went down silently looks the same). The first message meets the dead
+    connection before any reply to MAIL FROM, so nothing of it was accepted:
+    it goes over a new connection, transparently, and costs no attempt."""
+    smtp.faults.no_pipelining = not pipelining
+    queue("alice@example.test")
+    assert delivery.deliver() == {Outcome.SENT: 1}
+    assert smtp.drop_connections() == 1
+    # The close lands after the pool looked.
+    monkeypatch.setattr(delivery, "_quiet", lambda backend: True)
+    rows = queue("alice@example.test", count=2)
+    assert delivery.deliver() == {Outcome.SENT: 2}
+    for row in rows:
+        row.refresh_from_db()
+        assert (row.state, row.failures) == (OutboxMessage.State.SENT, 0)
+    assert proxy.stats.connections == 2
+    assert len(smtp.messages) == 3
+    assert not SendLog.objects.filter(status=SendLog.Status.FAILED).exists()
+    # The new connection is kept in its turn.
+    assert len(POOL) == 1 and KeptConnection.objects.count() == 1
+
+
+def test_a_kept_connection_lost_after_mail_from_is_not_retried(alice, proxy, smtp):
+    """Reopening is only for a connection found dead before the server
+    answered MAIL FROM. Lost at the end of the data, the message may have
+    been taken: it is charged an attempt and retried later, never resent
+    at once."""
+    queue("alice@example.test")
+    delivery.deliver()
+    smtp.faults.close_after_data = True
+    [row] = queue("alice@example.test")
+    assert delivery.deliver() == {Outcome.RETRY: 1}
+    row.refresh_from_db()
+    assert (row.failures, row.error_code) == (1, "connection_lost")
+    assert proxy.stats.connections == 1
+    assert len(smtp.dropped_messages) == 1
+
+
+def test_the_token_expiry_is_the_one_of_the_token_used(alice, proxy, smtp, monkeypatch):
+    """Another process refreshes the token between this one's read and the
+    AUTH: the newer token's later expiry must not keep the connection
+    authenticated with the older one open past the older one's end."""
+    from mailgov.backends import smtp as smtp_module
+
+    real = smtp_module.get_access_token
+
+    def refreshed_meanwhile(mailbox, **kwargs):
+        token = real(mailbox, **kwargs)
+        credentials = MailboxCredentials.objects.get(pk=mailbox.pk)
+        credentials.access_token = "newer-token-from-another-process"
+        credentials.expires_at = timezone.now() + timedelta(hours=2)
+        credentials.save()
+        return token
+
+    before = MailboxCredentials.objects.get(pk=alice.pk).expires_at
+    monkeypatch.setattr(smtp_module, "get_access_token", refreshed_meanwhile)
+    backend = delivery.smtp_backend(alice, keep_connection=True)
+    assert backend.open() is True
+    try:
+        assert backend.token_expires_at is not None
+        assert backend.token_expires_at <= max(before, timezone.now())
+        assert POOL.keep_until(backend) is None  # not kept after its batch
+    finally:
+        backend.close()
+
+
+def test_the_token_expiry_is_taken_when_the_token_is_current(alice, proxy, smtp):
+    backend = delivery.smtp_backend(alice, keep_connection=True)
+    assert backend.open() is True
+    try:
+        stored = MailboxCredentials.objects.get(pk=alice.pk).expires_at
+        assert backend.token_expires_at == stored
+    finally:
+        backend.close()

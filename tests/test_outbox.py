@@ -689,3 +689,43 @@ def test_a_message_no_day_can_hold_fails_instead_of_waiting_forever(alice_box, s
     small.refresh_from_db()
     assert (big.state, big.error_code) == (State.FAILED, "over_daily_recipients")
     assert small.state == State.SENT
+
+
+@pytest.mark.django_db
+def test_a_partly_refused_message_counts_against_the_quota_until_the_send_log(
+    alice_box, smtp, settings
+):
+    """A message the server took for some recipients only is sent: like any
+    sent message it keeps its lease until the batch's send log is written,
+    so the quota counts it meanwhile and no other worker claims past it."""
+    from mailgov.signals import post_send
+
+    settings.MAILGOV_OUTBOX_BATCH_SIZE = 2
+    settings.MAILGOV_PROVIDERS = {
+        "demo": {
+            **settings.MAILGOV_PROVIDERS["demo"],
+            "quota": {"messages": 2, "window_seconds": 3600},
+        }
+    }
+    smtp.faults.rcpt_replies = {"never@x.test": "550 5.1.1 No such user"}
+    [partly] = queue("alice@example.test", to=["bob@example.test", "never@x.test"])
+    queue("alice@example.test", count=2)
+    seen = {}
+
+    def at_batch_end(sender, **kwargs):
+        # Every message of the batch is sent and marked; its send log is
+        # not written yet.
+        seen["partly"] = OutboxMessage.objects.get(pk=partly.pk)
+        seen["claim"] = delivery.claim_batch("another-worker")
+
+    post_send.connect(at_batch_end, weak=False, dispatch_uid="test-partly-refused")
+    try:
+        delivery.deliver(max_batches=1)
+    finally:
+        post_send.disconnect(dispatch_uid="test-partly-refused")
+    assert (seen["partly"].state, seen["partly"].error_code) == (State.SENT, "partly_refused")
+    assert seen["partly"].lease_expires_at is not None
+    assert seen["claim"] is None  # two sent in flight: the quota is used
+    partly.refresh_from_db()
+    assert partly.lease_expires_at is None  # ended with the send log
+    assert SendLog.objects.filter(status=SendLog.Status.SENT).count() == 2

@@ -180,8 +180,10 @@ def test_a_421_at_the_end_of_data_closes_the_connection(connect, proxy, smtp):
 
 @pytest.mark.parametrize("fault", ["close_at_rcpt", "close_after_data"])
 def test_server_dropping_the_connection_mid_flight(connect, proxy, smtp, fault):
-    """The server goes away inside a pipelined transaction: that message and
-    the rest of the batch fail as a transport error, none counted as sent."""
+    """The server goes away inside a pipelined transaction: that message
+    fails as a transport error, none counted as sent; the rest of the batch
+    was never attempted (the server saw nothing of it), so it is neither
+    failed nor logged."""
     connect("alice")
     setattr(smtp.faults, fault, True)
     backend = EmailBackend()
@@ -190,7 +192,7 @@ def test_server_dropping_the_connection_mid_flight(connect, proxy, smtp, fault):
     assert smtp.messages == []
     assert backend.connection is None
     logs = list(SendLog.objects.values_list("status", flat=True))
-    assert logs == [SendLog.Status.FAILED] * 3
+    assert logs == [SendLog.Status.FAILED]
     # The next batch opens a fresh connection and goes out.
     setattr(smtp.faults, fault, False)
     assert EmailBackend().send_messages(messages(2)) == 2
@@ -230,3 +232,56 @@ def test_a_refused_message_fails_alone_in_its_batch(connect, proxy, smtp, pipeli
     assert delivery.deliver() == {Outcome.FAILED: 1, Outcome.SENT: 3}
     assert len(smtp.messages) == 3
     assert proxy.stats.connections == 1
+
+
+def test_the_message_in_flight_alone_is_charged_after_a_drop(connect, proxy, smtp):
+    """One queued batch; the server drops the connection at the end of the
+    first message's data. That message loses an attempt; the other three,
+    which the server never saw, go back to the queue with no failure, no
+    backoff and no send log row."""
+    from mailgov import delivery
+    from mailgov.models import OutboxMessage
+    from mailgov.outcomes import Outcome
+    from tests.test_outbox import queue
+
+    connect("alice")
+    rows = queue("alice@example.test", count=4)
+    smtp.faults.close_after_data = True
+    assert delivery.deliver(max_batches=1) == {Outcome.RETRY: 1, Outcome.DEFERRED: 3}
+    first, *rest = [OutboxMessage.objects.get(pk=row.pk) for row in rows]
+    assert (first.state, first.failures, first.error_code) == ("queued", 1, "connection_lost")
+    for row in rest:
+        assert (row.state, row.failures, row.error_code) == ("queued", 0, "not_attempted")
+        assert row.attempt_rows.get().outcome == Outcome.DEFERRED
+    assert list(SendLog.objects.values_list("message_id", "status")) == [
+        (first.message_id, SendLog.Status.FAILED)
+    ]
+    assert len(smtp.dropped_messages) == 1
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_421_mid_batch_charges_that_message_only(connect, proxy, smtp, pipelining):
+    """A 421 (not a throttling reply) ends the session at the first
+    message's data: that message is retried later; the rest of the batch
+    costs nothing and goes out at once over a new connection. (Before, the
+    next message met the closed connection, "please run connect() first",
+    and the whole batch was charged a failure.)"""
+    from mailgov import delivery
+    from mailgov.models import OutboxMessage
+    from mailgov.outcomes import Outcome
+    from tests.test_outbox import queue
+
+    connect("alice")
+    smtp.faults.no_pipelining = not pipelining
+    rows = queue("alice@example.test", count=4)
+    smtp.faults.data_reply = "421 4.3.2 Service shutting down, closing channel"
+    smtp.faults.data_reply_count = 1
+    proxy.reset_stats()
+    assert delivery.deliver() == {Outcome.RETRY: 1, Outcome.DEFERRED: 3, Outcome.SENT: 3}
+    first, *rest = [OutboxMessage.objects.get(pk=row.pk) for row in rows]
+    assert (first.state, first.failures, first.error_code) == ("queued", 1, "smtp_421")
+    assert [(row.state, row.failures) for row in rest] == [("sent", 0)] * 3
+    assert len(smtp.messages) == 3
+    assert proxy.stats.connections == 2
+    statuses = sorted(SendLog.objects.values_list("status", flat=True))
+    assert statuses == [SendLog.Status.FAILED] + [SendLog.Status.SENT] * 3

@@ -23,6 +23,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -304,6 +305,48 @@ def test_starttls_required_before_auth_and_mail(server):
     ]
     assert server.auth_attempts == []
     assert server.connections == 1
+
+
+def wait_until(condition, seconds: float = 5.0) -> bool:
+    """Poll ``condition`` (the server sees a close a moment after the client)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_open_and_peak_connections(server, tls):
+    """Connections open at once, as a provider's per-mailbox limit counts
+    them; ``clear()`` starts the peak again from those still open."""
+    first, second = secure(server, tls), plain(server)
+    assert wait_until(lambda: server.open_connections == 2)
+    first.quit()
+    assert wait_until(lambda: server.open_connections == 1)
+    third = plain(server)
+    assert wait_until(lambda: server.open_connections == 2)
+    assert server.peak_connections == 2
+    server.clear()
+    assert server.peak_connections == 2  # both still open
+    second.quit()
+    third.quit()
+    assert wait_until(lambda: server.open_connections == 0)
+    server.clear()
+    assert server.peak_connections == 0
+    assert server.connections == 0
+
+
+def test_drop_connections_closes_them_without_a_word(server, tls):
+    """A server ending sessions silently: the client learns of it only when
+    it next reads or writes."""
+    client = secure(server, tls)
+    assert wait_until(lambda: server.open_connections == 1)
+    assert server.drop_connections() == 1
+    assert wait_until(lambda: server.open_connections == 0)
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        client.noop()
+    assert server.drop_connections() == 0
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])

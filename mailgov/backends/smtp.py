@@ -17,9 +17,11 @@ Order of work in :meth:`EmailBackend.send_messages`, and why:
    is opened and reused for all its messages. Each goes in two round trips
    when the server offers PIPELINING (:func:`pipelined_sendmail`): at
    Gmail's or Microsoft's distance, round trips are what sending costs.
-4. One ``SendLog`` row per message (sent or failed) is written in a single
-   bulk insert at the end of the batch, whatever happened (a database error
-   there is logged, never raised: the mail has already gone).
+4. One ``SendLog`` row per message attempted (sent or failed) is written in
+   a single bulk insert at the end of the batch, whatever happened (a
+   database error there is logged, never raised: the mail has already
+   gone). When the connection is lost, only the message in flight failed:
+   the server saw nothing of the ones after it, which get no row.
 
 ``fail_silently`` hides transport errors only (refused or dropped connection,
 timeout, an SMTP error reply, a provider that is down). It never hides a
@@ -33,6 +35,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import hmac
 import logging
 import re
 import smtplib
@@ -94,6 +97,39 @@ NEVER_SILENT = (SMTPSecurityError, SMTPAuthenticationRejected, ssl.SSLError)
 # --- SMTP PIPELINING (RFC 2920) ------------------------------------------------
 
 
+class _LostBeforeMail(smtplib.SMTPServerDisconnected):
+    """The connection was found gone before the server answered ``MAIL FROM``.
+
+    Nothing of the message can have been accepted: its content is only ever
+    written after the server's ``354``, which follows that answer. A
+    :class:`smtplib.SMTPServerDisconnected` like any other (callers that do
+    not care see no difference); :meth:`EmailBackend._send_group` sends the
+    message again over a new connection when the dead one was kept from an
+    earlier batch.
+    """
+
+
+class _GuardedMail:
+    """``smtplib`` connection mixin: ``mail()`` raises :class:`_LostBeforeMail`
+    when the connection is found gone, so that ``sendmail`` (the path without
+    PIPELINING) tells a connection that died while it idled from one lost
+    later in the transaction."""
+
+    def mail(self, sender: str, options: Sequence[str] = ()) -> tuple[int, bytes]:
+        try:
+            return super().mail(sender, options)
+        except OSError as exc:  # SMTPServerDisconnected included
+            raise _LostBeforeMail(str(exc)) from exc
+
+
+class _SMTP(_GuardedMail, smtplib.SMTP):
+    """:class:`smtplib.SMTP` with :class:`_GuardedMail`."""
+
+
+class _SMTP_SSL(_GuardedMail, smtplib.SMTP_SSL):
+    """:class:`smtplib.SMTP_SSL` with :class:`_GuardedMail`."""
+
+
 def _quote_periods(data: bytes) -> bytes:
     """RFC 5321 4.5.2 dot-stuffing, and the end-of-data line."""
     data = re.sub(rb"(?m)^\.", b"..", data)
@@ -132,12 +168,15 @@ def pipelined_sendmail(
 
     MAIL FROM, every RCPT TO and DATA go out in one write; their replies are
     read in order. Then the content and its end in a second write, and its
-    reply. Returns, and raises, exactly as ``sendmail`` does:
+    reply. Returns, and raises, as ``sendmail`` does:
     ``{recipient: (code, reply)}`` of refused recipients when the message
     was accepted for the others; :class:`smtplib.SMTPSenderRefused`,
     :class:`smtplib.SMTPRecipientsRefused` (none accepted) or
     :class:`smtplib.SMTPDataError`, after an RSET (or a close on 421), when
-    it was not.
+    it was not. A connection found gone before the reply to ``MAIL FROM``
+    raises :class:`_LostBeforeMail` (a
+    :class:`smtplib.SMTPServerDisconnected`): nothing of the message was
+    accepted.
 
     The caller checks that the server advertised PIPELINING after TLS
     (RFC 2920 forbids pipelining STARTTLS, and AUTH is never pipelined: the
@@ -155,12 +194,14 @@ def pipelined_sendmail(
     flight = [_command("MAIL", f"FROM:{smtplib.quoteaddr(from_addr)}{suffix}")]
     flight += [_command("RCPT", f"TO:{smtplib.quoteaddr(rcpt)}") for rcpt in to_addrs]
     flight.append("DATA\r\n")
-    connection.send("".join(flight))
-
-    # Every reply is read, whatever the earlier ones said: the server answers
-    # each command of the flight, and an unread reply would be taken for the
-    # answer to the next command.
-    mail_code, mail_reply = connection.getreply()
+    try:
+        connection.send("".join(flight))
+        # Every reply is read, whatever the earlier ones said: the server
+        # answers each command of the flight, and an unread reply would be
+        # taken for the answer to the next command.
+        mail_code, mail_reply = connection.getreply()
+    except OSError as exc:  # smtplib closed it and raised SMTPServerDisconnected
+        raise _LostBeforeMail(str(exc)) from exc
     if mail_code == 421:
         # The server closes the channel: nothing more will be answered.
         connection.close()
@@ -215,6 +256,29 @@ def _no_nagle(connection: smtplib.SMTP) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+@sensitive_variables()
+def _expiry_of(mailbox: Mailbox, token: str) -> datetime.datetime | None:
+    """When ``token``, which ``get_access_token()`` returned for ``mailbox``,
+    expires.
+
+    Read with the stored token, from one row in one query, and taken only if
+    the stored token is still ``token``: another process may have refreshed
+    meanwhile, and the newer token's expiry would let a connection
+    authenticated with the older one be kept past that one's end. Then (the
+    older token was within the refresh margin of its end, or refused) the
+    expiry is taken as now, so that the connection is not kept after its
+    batch. ``None`` when the provider gave no expiry.
+    """
+    stored = (
+        MailboxCredentials.objects.filter(pk=mailbox.pk).only("access_token", "expires_at").first()
+    )
+    if stored is None or not stored.access_token:
+        return timezone.now()
+    if not hmac.compare_digest(stored.access_token.encode(), token.encode()):
+        return timezone.now()
+    return stored.expires_at
+
+
 class EmailBackend(smtp.EmailBackend):
     """Send through each sender's connected mailbox with SMTP + XOAUTH2.
 
@@ -248,7 +312,9 @@ class EmailBackend(smtp.EmailBackend):
         self.connected_at: float | None = None
         #: Expiry of the access token the connection authenticated with.
         self.token_expires_at: datetime.datetime | None = None
-        #: Whether the last batch failed before any message (no connection).
+        #: Whether the last batch ended because no connection could be had
+        #: (at its start, or when a kept connection found dead was reopened):
+        #: the messages it did not send were failed with the open's error.
         self.failed_at_open = False
         self._connected_mailbox: Mailbox | None = None
         #: Refuse a mailbox frozen by an incident before any I/O (the queued
@@ -271,13 +337,13 @@ class EmailBackend(smtp.EmailBackend):
         context = self.ssl_context_for(provider)
         params = {"local_hostname": DNS_NAME.get_fqdn(), "timeout": self.timeout}
         if provider.smtp_security == "ssl":
-            connection = smtplib.SMTP_SSL(
+            connection = _SMTP_SSL(
                 provider.smtp_host, provider.smtp_port, context=context, **params
             )
             self.connection = connection
             _no_nagle(connection)
         else:
-            connection = smtplib.SMTP(provider.smtp_host, provider.smtp_port, **params)
+            connection = _SMTP(provider.smtp_host, provider.smtp_port, **params)
             self.connection = connection
             _no_nagle(connection)
             connection.ehlo()
@@ -358,11 +424,7 @@ class EmailBackend(smtp.EmailBackend):
         self.connected_at = time.monotonic()
         # When the token this session authenticated with expires: a worker
         # keeping the connection open (mailgov.delivery) closes it by then.
-        self.token_expires_at = (
-            MailboxCredentials.objects.filter(pk=mailbox.pk)
-            .values_list("expires_at", flat=True)
-            .first()
-        )
+        self.token_expires_at = _expiry_of(mailbox, token)
         return True
 
     def open(self) -> bool | None:
@@ -507,6 +569,15 @@ class EmailBackend(smtp.EmailBackend):
         reach ``on_result`` only; anything else is also raised, after
         ``on_result`` was called for every message it concerns. The send log
         is written as by :meth:`send_messages`.
+
+        When the connection is lost (or the server closes it with a ``421``)
+        only the message in flight fails; the batch ends there, and the
+        messages after it were not attempted: ``on_result`` is never called
+        for them and they get no send log row (the caller sends them later,
+        with no failure counted). A connection kept from an earlier batch
+        that turns out dead before the server answered ``MAIL FROM`` is
+        reopened once and the message sent over the new one: nothing of it
+        had reached the server.
         """
         logs: list[SendLog] = []
         with self._lock:
@@ -544,30 +615,17 @@ class EmailBackend(smtp.EmailBackend):
                 for item in rest:
                     on_result(item, exc, {})
 
-        try:
-            # Before the token is used: the kill switch and the status, as
-            # committed now (an incident may have frozen or contained the
-            # mailbox since the batch was resolved or claimed).
-            send_gate(mailbox)
-            new_connection = self._open_for(mailbox)
-        except NEVER_SILENT as exc:
-            self.failed_at_open = True
-            fail(items, exc)
-            raise
-        except TRANSPORT_ERRORS as exc:
-            self.failed_at_open = True
-            fail(items, exc)
-            if not self.fail_silently:
-                raise
+        new_connection = self._open_for_batch(mailbox, items, fail)
+        if new_connection is None:
             return 0
-        except Exception as exc:
-            self.failed_at_open = True
-            fail(items, exc)
-            raise
         sent = 0
+        index = 0
+        reopened = False
+        retry = False  # the same message again, over a reopened connection
         try:
-            for index, item in enumerate(items):
-                if index:
+            while index < len(items):
+                item = items[index]
+                if index and not retry:
                     try:
                         send_gate(mailbox)
                     except MailboxUnavailableError as exc:
@@ -576,40 +634,50 @@ class EmailBackend(smtp.EmailBackend):
                         fail(items[index:], exc)
                         self.close()
                         raise
-                try:
-                    pre_send.send(
-                        sender=type(self),
-                        message=item.message,
-                        message_id=item.message_id,
-                        mailbox=mailbox,
-                    )
-                except SendCancelled as exc:
-                    fail([item], exc)
-                    continue
+                if not retry:
+                    try:
+                        pre_send.send(
+                            sender=type(self),
+                            message=item.message,
+                            message_id=item.message_id,
+                            mailbox=mailbox,
+                        )
+                    except SendCancelled as exc:
+                        fail([item], exc)
+                        index += 1
+                        continue
+                retry = False
                 try:
                     refused = self._sendmail(item)
-                except smtplib.SMTPServerDisconnected as exc:
-                    # The connection is gone: the rest of the group fails too.
-                    fail(items[index:], exc)
-                    self.close()
-                    if not self.fail_silently:
-                        raise
-                    break
-                except smtplib.SMTPException as exc:
-                    # This message was refused; the transaction was reset (or,
-                    # on a 421, the connection closed: the next message then
-                    # raises SMTPServerDisconnected above). Before OSError:
-                    # SMTPException is one.
+                except OSError as exc:  # every SMTPException too
+                    if isinstance(exc, _LostBeforeMail) and not (new_connection or reopened):
+                        # Kept from an earlier batch, the connection died while
+                        # it idled: closed by the server just after the pool's
+                        # check, or a link dropped without a word. Nothing of
+                        # this message reached the server: once, a new one.
+                        logger.info(
+                            "mailbox %s: kept SMTP connection found closed; reopened", mailbox.pk
+                        )
+                        reopened = retry = True
+                        self.close()
+                        if self._open_for_batch(mailbox, items[index:], fail) is None:
+                            break
+                        continue
+                    # This message failed (only this one: the server saw no
+                    # other of the rest). A refusal leaves the transaction
+                    # reset and the connection in step; a lost connection, or
+                    # one the server closed after its 421, ends the batch, and
+                    # the messages after this one are not attempted.
                     fail([item], exc)
+                    gone = self._lost(exc)
+                    if gone:
+                        self.close()
                     if not self.fail_silently:
                         raise
+                    if gone:
+                        break
+                    index += 1
                     continue
-                except OSError as exc:
-                    fail(items[index:], exc)
-                    self.close()
-                    if not self.fail_silently:
-                        raise
-                    break
                 now = timezone.now()
                 logs.append(
                     SendLog(
@@ -622,6 +690,7 @@ class EmailBackend(smtp.EmailBackend):
                     )
                 )
                 sent += 1
+                index += 1
                 if on_result is not None:
                     on_result(item, None, refused or {})
         finally:
@@ -635,6 +704,48 @@ class EmailBackend(smtp.EmailBackend):
                 if isinstance(error, Exception):
                     logger.error("post_send receiver %r failed: %s", receiver, type(error).__name__)
         return sent
+
+    def _open_for_batch(
+        self,
+        mailbox: Mailbox,
+        rest: Sequence[PreparedMessage],
+        fail: Callable[[Sequence[PreparedMessage], BaseException], None],
+    ) -> bool | None:
+        """:meth:`_open_for` ``mailbox`` for a batch whose messages ``rest``
+        are still to go; whether the connection is new, as ``_open_for``.
+
+        The kill switch and the mailbox's status are checked first, as
+        committed now, before the token is used (an incident may have frozen
+        or contained the mailbox since the batch was resolved or claimed).
+        If either refuses, or no connection can be had, every message of
+        ``rest`` is failed with the error (``failed_at_open`` is set) and
+        the error is raised, unless ``fail_silently`` hides it: ``None``
+        then.
+        """
+        try:
+            send_gate(mailbox)
+            return self._open_for(mailbox)
+        except Exception as exc:
+            self.failed_at_open = True
+            fail(rest, exc)
+            if (
+                self.fail_silently
+                and isinstance(exc, TRANSPORT_ERRORS)
+                and not isinstance(exc, NEVER_SILENT)
+            ):
+                return None
+            raise
+
+    def _lost(self, exc: OSError) -> bool:
+        """Whether the connection is gone after a transaction raised ``exc``:
+        dropped, timed out, or closed by the server's ``421`` (the
+        transaction closed it), as opposed to a refusal that left it in
+        step for the next message."""
+        if isinstance(exc, smtplib.SMTPServerDisconnected) or not isinstance(
+            exc, smtplib.SMTPException
+        ):
+            return True
+        return self.connection is None or getattr(self.connection, "sock", None) is None
 
     def _sendmail(self, item: PreparedMessage) -> dict[str, tuple[int, bytes]]:
         """One SMTP transaction: pipelined when the server offers PIPELINING

@@ -414,6 +414,8 @@ class _SubmissionSMTP(SMTP):
 
     def __init__(self, handler: _SubmissionHandler, *, owner: SubmissionServer, **kwargs: Any):
         self._owner = owner
+        #: A client's connection, counted in ``open_connections`` and ``peak_connections``.
+        self.counted = False
         self._tap = _TranscriptTap(owner._record_line)
         super().__init__(handler, **kwargs)
         self.line_length_limit = SMTP.line_length_limit
@@ -690,6 +692,9 @@ class SubmissionServer(Controller):
             maxlen=MAX_AUTH_ATTEMPTS
         )
         self._connections = 0
+        # Client connections open now, and the most open at once (under the lock).
+        self._open = 0
+        self._peak = 0
         # Live connections, touched only on the event loop's thread.
         self._live: set[_SubmissionSMTP] = set()
 
@@ -792,7 +797,7 @@ class SubmissionServer(Controller):
         if self._ready:
             with self._lock:
                 self._connections += 1
-        return _SubmissionSMTP(
+        protocol = _SubmissionSMTP(
             self.handler,
             owner=self,
             tls_context=tls_context,
@@ -807,6 +812,9 @@ class SubmissionServer(Controller):
             decode_data=False,
             loop=self.loop,
         )
+        # Controller's start-up probe is no client's connection.
+        protocol.counted = self._ready
+        return protocol
 
     # -- records --------------------------------------------------------------------------
 
@@ -846,14 +854,45 @@ class SubmissionServer(Controller):
         with self._lock:
             return self._connections
 
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now, as the server sees them."""
+        with self._lock:
+            return self._open
+
+    @property
+    def peak_connections(self) -> int:
+        """The most client connections open at once since start (or the last
+        ``clear()``, counting those still open then): what a provider's limit
+        on simultaneous connections (Microsoft's three per mailbox) judges."""
+        with self._lock:
+            return self._peak
+
     def clear(self) -> None:
-        """Forget all messages, transcript lines, AUTH attempts and the connection count."""
+        """Forget all messages, transcript lines, AUTH attempts and the connection
+        counts (the peak starts again from the connections open now)."""
         with self._lock:
             self._messages.clear()
             self._dropped.clear()
             self._transcript.clear()
             self._auth_attempts.clear()
             self._connections = 0
+            self._peak = self._open
+
+    def drop_connections(self, timeout: float = 5.0) -> int:
+        """Drop every client connection open now, without a reply or a TLS
+        close_notify, as a server that ends idle sessions silently or
+        restarts does; return how many. Returns once they are dropped."""
+        if self._thread is None:
+            return 0
+        future = asyncio.run_coroutine_threadsafe(self._drop_live(), self.loop)
+        return future.result(timeout)
+
+    async def _drop_live(self) -> int:
+        live = [protocol for protocol in self._live if protocol.counted]
+        for protocol in live:
+            protocol.abort()
+        return len(live)
 
     def _record_line(self, line: str) -> None:
         with self._lock:
@@ -896,9 +935,18 @@ class SubmissionServer(Controller):
 
     def _connection_opened(self, protocol: _SubmissionSMTP) -> None:
         self._live.add(protocol)
+        if protocol.counted:
+            with self._lock:
+                self._open += 1
+                self._peak = max(self._peak, self._open)
 
     def _connection_closed(self, protocol: _SubmissionSMTP) -> None:
+        if protocol not in self._live:
+            return  # told twice (the TLS layer and the transport)
         self._live.discard(protocol)
+        if protocol.counted:
+            with self._lock:
+                self._open -= 1
 
     def _abort_connections(self) -> None:
         for protocol in list(self._live):

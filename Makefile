@@ -33,8 +33,10 @@ bench: $(STAMP)
 	$(BIN)/python -m tests.benchmarks.run $(BENCH_ARGS)
 
 # The pinned versions against the published vulnerabilities (pip-audit; needs
-# pypi.org or api.osv.dev: AUDIT_ARGS=--service osv). Exit 1: a finding;
-# exit 3: "dependency audit could not run: <reason>" (never a pass).
+# pypi.org or api.osv.dev: AUDIT_ARGS=--service osv). The script exits 1 for
+# a finding and 3 for "dependency audit could not run: <reason>" (never a
+# pass); make itself exits 2 for either (its status for any failed recipe),
+# so .ci/run reads the printed line. Call `python -m project.audit` for 1/3.
 audit: $(STAMP)
 	$(BIN)/python -m project.audit $(AUDIT_ARGS)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import Any
 
@@ -43,6 +44,8 @@ DORMANT_WARNING_TOO_LONG = "mailgov.E022"
 BASE_TEMPLATE_MISSING = "mailgov.E023"
 BASE_TEMPLATE_BLOCKS = "mailgov.E024"
 NUMBER_NEGATIVE = "mailgov.E025"
+WORKER_METRICS_PORT_INVALID = "mailgov.E026"
+WORKER_METRICS_ADDRESS_INVALID = "mailgov.E027"
 SQLITE_NOT_IMMEDIATE = "mailgov.W001"
 
 #: Settings that must be positive numbers (a None timeout would mean "wait forever").
@@ -147,6 +150,40 @@ def check_numbers(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
                     id=NUMBER_NEGATIVE,
                 )
             )
+    return messages
+
+
+@checks.register()
+def check_worker_metrics(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``MAILGOV_WORKER_METRICS_PORT`` is off (``None``) or a TCP port, and its
+    address an IP address (or empty: every address). A bad value would only
+    show in a worker's log, as metrics that never arrive."""
+    messages = []
+    port = mailgov_settings.WORKER_METRICS_PORT
+    if port is not None and (
+        isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
+    ):
+        messages.append(
+            checks.Error(
+                f"MAILGOV_WORKER_METRICS_PORT must be None (off) or a port number "
+                f"(1-65535), not {port!r}.",
+                id=WORKER_METRICS_PORT_INVALID,
+            )
+        )
+    address = mailgov_settings.WORKER_METRICS_ADDRESS
+    try:
+        if not isinstance(address, str):
+            raise ValueError(address)
+        if address:
+            ipaddress.ip_address(address)
+    except ValueError:
+        messages.append(
+            checks.Error(
+                f"MAILGOV_WORKER_METRICS_ADDRESS must be an IP address to listen on "
+                f"(e.g. '0.0.0.0', '127.0.0.1', '::'), not {address!r}.",
+                id=WORKER_METRICS_ADDRESS_INVALID,
+            )
+        )
     return messages
 
 

@@ -105,6 +105,14 @@ DEFAULTS: dict[str, Any] = {
     # template, whose header and sign-out they then carry. It must define
     # the blocks "title" and "content".
     "BASE_TEMPLATE": "mailgov/base.html",
+    # -- metrics (mailgov.metrics) ----------------------------------------------
+    # Each Celery worker serves its own Prometheus counters over HTTP on this
+    # port (None: off), at this address: for workers whose metrics files are
+    # not on the web processes' disk (another host, another container). Every
+    # interface by default: the scraper is on another host (the port is the
+    # opt-in; firewall it to the monitoring network).
+    "WORKER_METRICS_PORT": None,
+    "WORKER_METRICS_ADDRESS": "0.0.0.0",  # noqa: S104
 }
 
 #: Settings that may also come from the process environment.

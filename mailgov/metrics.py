@@ -29,6 +29,13 @@ gauges must be computed once per scrape, not once per process: in that mode
 :func:`export` builds the scrape's registry from the files plus one
 :class:`MailgovCollector`, and :meth:`MailgovConfig.ready` registers nothing
 globally.
+
+Celery workers on other hosts: their files are not on the web's disk, so
+``/metrics`` never sees their counters. ``MAILGOV_WORKER_METRICS_PORT``
+(off by default) makes each worker serve its own counters over HTTP on that
+port (:func:`serve_worker_metrics`), for Prometheus to scrape per worker.
+The database gauges stay on ``/metrics`` only: served by every worker too,
+a sum over the targets would count them once per worker.
 """
 
 from __future__ import annotations
@@ -38,11 +45,14 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from celery import signals as celery_signals
+from celery.concurrency.prefork import TaskPool as PreforkPool
 from django.db import DatabaseError
 from django.db.models import Count, Min
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
+from mailgov.conf import mailgov_settings
 from mailgov.freeze import FROZEN
 from mailgov.models import (
     Incident,
@@ -64,7 +74,14 @@ except ImportError:  # metrics are optional
 
 logger = logging.getLogger("mailgov.metrics")
 
-__all__ = ["MailgovCollector", "count_refresh", "count_sends", "export", "register"]
+__all__ = [
+    "MailgovCollector",
+    "count_refresh",
+    "count_sends",
+    "export",
+    "register",
+    "serve_worker_metrics",
+]
 
 if prometheus_client is not None:
     TOKEN_REFRESHES = Counter(
@@ -170,30 +187,120 @@ class MailgovCollector(Collector):
             value=1 if Incident.objects.filter(FROZEN).exists() else 0,
         )
 
-        pending = (
-            MailboxCredentials.objects.filter(PENDING, refresh_token__isnull=False).count()
-            + PendingRevocation.objects.filter(refresh_token__isnull=False).count()
-        )
-        yield GaugeMetricFamily(
+        # Given up: the sweep stopped retrying after MAILGOV_REVOCATION_MAX_ATTEMPTS;
+        # the grant stays live at the provider until an operator acts
+        # (mailgov_retry_revocations). Retrying: the sweep still tries.
+        kept = MailboxCredentials.objects.filter(PENDING, refresh_token__isnull=False)
+        given_up = kept.filter(mailbox__revocation_given_up_at__isnull=False).count()
+        retrying = kept.count() - given_up
+        deleted = PendingRevocation.objects.filter(refresh_token__isnull=False)
+        deleted_given_up = deleted.filter(given_up_at__isnull=False).count()
+        retrying += deleted.count() - deleted_given_up
+        given_up += deleted_given_up
+        pending = GaugeMetricFamily(
             "mailgov_revocations_pending",
             "Grants still to be revoked at their provider (revoked or deleted mailboxes "
-            "whose refresh token is kept until the provider confirms).",
-            value=pending,
+            "whose refresh token is kept until the provider confirms), by state: "
+            "retrying (the sweep still tries) or given_up (an operator must act).",
+            labels=["state"],
         )
+        pending.add_metric(["retrying"], retrying)
+        pending.add_metric(["given_up"], given_up)
+        yield pending
 
 
-_registered = False
+_collector: MailgovCollector | None = None
 
 
 def register() -> None:
     """Register :class:`MailgovCollector` on prometheus-client's global
     registry, once per process; nothing in multiprocess mode (see the
-    module docstring) or without prometheus-client."""
-    global _registered
-    if prometheus_client is None or multiprocess_mode() or _registered:
+    module docstring) or without prometheus-client. Also connects
+    :func:`serve_worker_metrics` to Celery's ``worker_ready`` (a signal no
+    other process receives) and :func:`mark_worker_process_dead` to
+    ``worker_process_shutdown``."""
+    global _collector
+    if prometheus_client is None:
         return
-    prometheus_client.REGISTRY.register(MailgovCollector())
-    _registered = True
+    celery_signals.worker_ready.connect(
+        serve_worker_metrics, dispatch_uid="mailgov.serve_worker_metrics"
+    )
+    celery_signals.worker_process_shutdown.connect(
+        mark_worker_process_dead, dispatch_uid="mailgov.mark_worker_process_dead"
+    )
+    if multiprocess_mode() or _collector is not None:
+        return
+    _collector = MailgovCollector()
+    prometheus_client.REGISTRY.register(_collector)
+
+
+def worker_registry(pool: Any) -> Any:
+    """What a worker's metrics endpoint serves, or ``None`` when it cannot
+    serve its counters truthfully.
+
+    With ``PROMETHEUS_MULTIPROC_DIR``: every process's files in that folder
+    (the prefork children's, where tasks run, included). Without it: this
+    process's own registry, which holds the counters only when the tasks run
+    in this process (the solo, threads, gevent and eventlet pools); a
+    prefork pool's children count into registries of their own, which this
+    process cannot read.
+    """
+    if multiprocess_mode():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return registry
+    if isinstance(pool, PreforkPool):
+        return None
+    global _collector
+    if _collector is not None:
+        # The database gauges are /metrics' alone (see the module docstring).
+        prometheus_client.REGISTRY.unregister(_collector)
+        _collector = None
+    return prometheus_client.REGISTRY
+
+
+def serve_worker_metrics(sender: Any = None, **kwargs: Any) -> None:
+    """Celery's ``worker_ready``: serve this worker's counters on
+    ``MAILGOV_WORKER_METRICS_PORT`` (when set) at
+    ``MAILGOV_WORKER_METRICS_ADDRESS``.
+
+    ``worker_ready`` is sent once, in the worker's main process, whatever the
+    pool: the one process that lives as long as the worker and can hold the
+    port (prefork children come and go, and would each want it). The prefork
+    pool needs ``PROMETHEUS_MULTIPROC_DIR`` for the children's counters to
+    reach it (:func:`worker_registry`).
+    """
+    port = mailgov_settings.WORKER_METRICS_PORT
+    if not port or prometheus_client is None:
+        return
+    pool = getattr(sender, "pool", None)
+    registry = worker_registry(pool)
+    if registry is None:
+        logger.error(
+            "mailgov metrics: not serving worker metrics on port %s: the prefork pool's "
+            "children count in processes of their own; set PROMETHEUS_MULTIPROC_DIR to an "
+            "empty folder of this worker's (see the README, 'Metrics and health').",
+            port,
+        )
+        return
+    address = mailgov_settings.WORKER_METRICS_ADDRESS
+    try:
+        prometheus_client.start_http_server(int(port), addr=address, registry=registry)
+    except OSError as exc:
+        # Another worker on this host holds the port: the worker still works.
+        logger.error(
+            "mailgov metrics: could not serve worker metrics on %s:%s: %s", address, port, exc
+        )
+        return
+    logger.info("mailgov metrics: serving worker metrics on %s:%s", address, port)
+
+
+def mark_worker_process_dead(sender: Any = None, pid: int | None = None, **kwargs: Any) -> None:
+    """Celery's ``worker_process_shutdown`` (a prefork child ending): drop its
+    live gauges' files in multiprocess mode, as gunicorn's ``child_exit``
+    hook does for web processes (``project/gunicorn.conf.py``)."""
+    if pid is not None and multiprocess_mode():
+        multiprocess.mark_process_dead(pid)
 
 
 def export(request: HttpRequest) -> HttpResponse:

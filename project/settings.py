@@ -4,16 +4,18 @@ Runs on embedded defaults: SQLite in ``var/``, a generated secret key, a
 generated encryption key file, and the demo authorization server and SMTP
 server that ``make demo`` starts. ``DATABASE_URL`` selects PostgreSQL.
 
-Everything secret or site-specific comes from the environment:
-``DJANGO_SECRET_KEY`` (or ``DJANGO_SECRET_KEY_FILE``), ``DJANGO_DEBUG=0``
-(production: HSTS, HTTPS redirect, secure cookies), ``DJANGO_ALLOWED_HOSTS``,
-``DJANGO_CSRF_TRUSTED_ORIGINS``, ``DJANGO_SECURE_SSL_REDIRECT``,
-``DJANGO_SECURE_PROXY_SSL_HEADER``, ``DJANGO_CSP_FORM_ACTION``,
-``DATABASE_URL``, ``CELERY_BROKER_URL``, ``MAILGOV_ENCRYPTION_KEYS_FILE``.
+Everything secret or site-specific comes from the environment; the README's
+"Deploying" section lists every variable read here (a test keeps the two
+lists equal). With ``DJANGO_DEBUG=0`` (production: HSTS, HTTPS redirect,
+secure cookies) nothing falls back to the demo's embedded defaults: a
+missing ``DJANGO_SECRET_KEY``, ``DATABASE_URL`` or ``CELERY_BROKER_URL``
+stops the import with an ``ImproperlyConfigured`` that names it, unless
+``MAILGOV_DEMO=1`` asks for the demo.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -24,8 +26,11 @@ from mailgov.schedule import beat_schedule
 from project.localsecrets import secret_from_file
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+# The demo's writable state (SQLite, generated secrets, the filesystem broker,
+# beat's schedule file). Created below in the demo only: a production image
+# may be read-only, and needs it only for beat's schedule (give beat a
+# writable MAILGOV_VAR_DIR, or --schedule).
 VAR_DIR = Path(os.environ.get("MAILGOV_VAR_DIR", BASE_DIR / "var"))
-VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -48,6 +53,38 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def env_int(name: str, default: int | None) -> int | None:
+    """A whole number, or ``default`` when unset or empty."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r}: expected a whole number") from None
+
+
+def env_secret(name: str) -> str:
+    """``name``'s value, else the content of the file named by ``name_FILE``
+    (a secret mount), else empty."""
+    if os.environ.get(name):
+        return os.environ[name]
+    if os.environ.get(name + "_FILE"):
+        return Path(os.environ[name + "_FILE"]).read_text().strip()
+    return ""
+
+
+def required_env(name: str, why: str) -> str:
+    """``name``'s value; in production (not the demo) it must be set."""
+    value = os.environ.get(name, "")
+    if not value and not (DEBUG or DEMO):
+        raise ImproperlyConfigured(
+            f"DJANGO_DEBUG=0 needs {name} ({why}); MAILGOV_DEMO=1 runs the demo's "
+            "embedded default instead"
+        )
+    return value
+
+
 # The demo runs with DEBUG on; a deployment sets DJANGO_DEBUG=0 (see "Deploying"
 # in the README), which turns on the production security settings below.
 DEBUG = env_flag("DJANGO_DEBUG", True)
@@ -56,6 +93,8 @@ DEBUG = env_flag("DJANGO_DEBUG", True)
 # the demo provider is neither a mailgov provider nor a sign-in button,
 # unless MAILGOV_DEMO=1 asks for it.
 DEMO = env_flag("MAILGOV_DEMO", DEBUG)
+if DEBUG or DEMO:
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
 if os.environ.get("DJANGO_SECRET_KEY_FILE"):  # a secret mount
     SECRET_KEY = Path(os.environ["DJANGO_SECRET_KEY_FILE"]).read_text().strip()
 elif os.environ.get("DJANGO_SECRET_KEY"):
@@ -140,8 +179,9 @@ WSGI_APPLICATION = "project.wsgi.application"
 
 
 def database_config(default_sqlite: Path) -> dict:
-    """``DATABASE_URL`` (via dj-database-url) or SQLite at ``default_sqlite``."""
-    config = dj_database_url.config(default=f"sqlite:///{default_sqlite}", conn_max_age=0)
+    """``DATABASE_URL`` (via dj-database-url) or, in the demo, SQLite at ``default_sqlite``."""
+    url = required_env("DATABASE_URL", "e.g. postgres://user@host:5432/mailgov")
+    config = dj_database_url.parse(url or f"sqlite:///{default_sqlite}", conn_max_age=0)
     if config["ENGINE"] == "django.db.backends.sqlite3":
         config.setdefault("OPTIONS", {}).update(
             # Single-flight token refresh across processes: take the write
@@ -172,6 +212,22 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "static"
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
+
+
+def cache_config(url: str) -> dict:
+    """``DJANGO_CACHE_URL``: ``redis://`` or ``rediss://`` (Django's own
+    RedisCache), or empty for a per-process memory cache (the demo)."""
+    if not url:
+        return {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": url}
+    raise ImproperlyConfigured("DJANGO_CACHE_URL: expected a redis:// or rediss:// URL")
+
+
+# The rate limits of the sign-in and consent pages count in the cache: with
+# several processes (gunicorn workers, hosts), a shared cache makes them one
+# limit, not one per process.
+CACHES = {"default": cache_config(env_secret("DJANGO_CACHE_URL"))}
 
 # --- security headers --------------------------------------------------------
 # On every page, in the demo too: no framing, no sniffing, a same-origin
@@ -208,6 +264,33 @@ if not DEBUG:
     SECURE_REDIRECT_EXEMPT = [r"^health/", r"^metrics$"]
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
+# Behind a proxy: the client's address (rate limits, consent receipts) from
+# the header the proxy sets. X-Forwarded-For: the entry written by the
+# outermost of DJANGO_TRUSTED_PROXY_COUNT proxies (project.clientip); any
+# other header (X-Real-IP) as django-ratelimit reads it, one value. Unset:
+# the connecting peer, REMOTE_ADDR.
+TRUSTED_PROXY_COUNT = env_int("DJANGO_TRUSTED_PROXY_COUNT", 1)
+if TRUSTED_PROXY_COUNT < 1:
+    raise ImproperlyConfigured("DJANGO_TRUSTED_PROXY_COUNT: expected 1 or more")
+if os.environ.get("DJANGO_CLIENT_IP_HEADER"):
+    _ip_header = os.environ["DJANGO_CLIENT_IP_HEADER"].strip().upper().replace("-", "_")
+    RATELIMIT_IP_META_KEY = (
+        "project.clientip.forwarded_for"
+        if _ip_header == "X_FORWARDED_FOR"
+        else f"HTTP_{_ip_header}"
+    )
+# /metrics (project.monitoring): a bearer token and/or the networks allowed to
+# scrape; with neither, open in the demo (DEBUG) and 404 in production.
+METRICS_TOKEN = env_secret("DJANGO_METRICS_TOKEN")
+METRICS_ALLOWED_NETWORKS = env_list("DJANGO_METRICS_ALLOWED_IPS", [])
+for _network in METRICS_ALLOWED_NETWORKS:
+    try:
+        ipaddress.ip_network(_network, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"DJANGO_METRICS_ALLOWED_IPS: {_network!r} is not an address or network"
+        ) from None
+METRICS_OPEN = DEBUG
 # Behind a proxy that terminates TLS: DJANGO_SECURE_PROXY_SSL_HEADER=X-Forwarded-Proto
 # (only if the proxy always sets or overwrites that header), so that Django
 # knows the request came over HTTPS.
@@ -261,9 +344,13 @@ LOGGING = {
 }
 
 # --- background work (Celery) ----------------------------------------------------
-# Embedded default: kombu's filesystem transport under var/broker (one host, no
-# server to install). Production: CELERY_BROKER_URL=redis://... or amqp://...
-CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or "filesystem://localhost/"
+# Embedded default (the demo): kombu's filesystem transport under var/broker
+# (one host, no server to install). Production: CELERY_BROKER_URL=redis://...
+# or amqp://..., required.
+CELERY_BROKER_URL = (
+    required_env("CELERY_BROKER_URL", "e.g. redis://host:6379/0 or amqp://...")
+    or "filesystem://localhost/"
+)
 
 
 def filesystem_broker(folder: Path) -> dict[str, object]:
@@ -313,8 +400,8 @@ SOCIALACCOUNT_EMAIL_AUTHENTICATION = True
 SOCIALACCOUNT_EMAIL_AUTHENTICATION_AUTO_CONNECT = True
 ACCOUNT_EMAIL_VERIFICATION = "none"
 ACCOUNT_ADAPTER = "project.demo.adapters.DemoAccountAdapter"
-# Behind a proxy, set RATELIMIT_IP_META_KEY so that rate limits and consent
-# receipts see the client's address, not the proxy's.
+# Behind a proxy, DJANGO_CLIENT_IP_HEADER (RATELIMIT_IP_META_KEY above) makes
+# rate limits and consent receipts see the client's address, not the proxy's.
 RATELIMIT_VIEW = "mailgov.contrib.allauth.views.ratelimited"
 IDENTITY_SCOPES = ["openid", "email", "profile"]
 
@@ -322,12 +409,9 @@ IDENTITY_SCOPES = ["openid", "email", "profile"]
 def _app(client_id_env: str, secret_env: str, **extra) -> list[dict]:
     """An allauth app from the environment (or a secret file): never from the database."""
     client_id = os.environ.get(client_id_env)
-    secret = os.environ.get(secret_env)
-    if not secret and os.environ.get(secret_env + "_FILE"):
-        secret = Path(os.environ[secret_env + "_FILE"]).read_text().strip()
     if not client_id:
         return []
-    return [{"client_id": client_id, "secret": secret or "", **extra}]
+    return [{"client_id": client_id, "secret": env_secret(secret_env), **extra}]
 
 
 SOCIALACCOUNT_PROVIDERS = {
@@ -383,16 +467,20 @@ MAILGOV_NOTIFICATION_BACKEND = os.environ.get("MAILGOV_NOTIFICATION_BACKEND") or
 )
 MAILGOV_NOTIFICATION_FROM = os.environ.get("MAILGOV_NOTIFICATION_FROM") or None
 MAILGOV_SITE_URL = os.environ.get("MAILGOV_SITE_URL") or None
-MAILGOV_SECURITY_CONTACT = os.environ.get("MAILGOV_SECURITY_CONTACT", "security@example.test")
+# Shown on the protection page; never a made-up address in production
+# (unset, the page says to use the site's contact details).
+MAILGOV_SECURITY_CONTACT = os.environ.get("MAILGOV_SECURITY_CONTACT") or (
+    "security@example.test" if DEMO else None
+)
+# Each Celery worker serves its own counters on this port (mailgov.metrics).
+MAILGOV_WORKER_METRICS_PORT = env_int("MAILGOV_WORKER_METRICS_PORT", None)
+if os.environ.get("MAILGOV_WORKER_METRICS_ADDRESS"):
+    MAILGOV_WORKER_METRICS_ADDRESS = os.environ["MAILGOV_WORKER_METRICS_ADDRESS"]
 # Django's SMTP backend (the notices' default in production) reads these.
 EMAIL_HOST = os.environ.get("DJANGO_EMAIL_HOST", "localhost")
 EMAIL_PORT = int(os.environ.get("DJANGO_EMAIL_PORT", "587"))
 EMAIL_HOST_USER = os.environ.get("DJANGO_EMAIL_HOST_USER", "")
-EMAIL_HOST_PASSWORD = os.environ.get("DJANGO_EMAIL_HOST_PASSWORD") or (
-    Path(os.environ["DJANGO_EMAIL_HOST_PASSWORD_FILE"]).read_text().strip()
-    if os.environ.get("DJANGO_EMAIL_HOST_PASSWORD_FILE")
-    else ""
-)
+EMAIL_HOST_PASSWORD = env_secret("DJANGO_EMAIL_HOST_PASSWORD")
 EMAIL_USE_TLS = env_flag("DJANGO_EMAIL_USE_TLS", EMAIL_PORT == 587)
 EMAIL_USE_SSL = env_flag("DJANGO_EMAIL_USE_SSL", EMAIL_PORT == 465)
 # The consent and mailbox pages extend the demo's own base template

@@ -13,7 +13,12 @@ from django.core.management import CommandError, call_command
 from django.db import connections
 from django.test import override_settings
 
-from mailgov.checks import check_encryption_keys, check_providers, check_sqlite_transaction_mode
+from mailgov.checks import (
+    check_encryption_keys,
+    check_providers,
+    check_sqlite_transaction_mode,
+    check_worker_metrics,
+)
 from mailgov.conf import DEFAULTS, mailgov_settings
 from mailgov.crypto import generate_key_entry, parse_key_entries
 
@@ -201,3 +206,27 @@ def test_generate_key_file_prepends_and_keeps_old_keys(tmp_path):
     assert "left as it is" in out.getvalue()
     with pytest.raises(CommandError, match="Key id"):
         call_command("mailgov_generate_key", "--key-id", "bad id")
+
+
+@pytest.mark.parametrize(
+    ("port", "address", "ids"),
+    [
+        (None, "0.0.0.0", []),
+        (9540, "127.0.0.1", []),
+        (9540, "::", []),
+        (9540, "", []),
+        (0, "0.0.0.0", ["mailgov.E026"]),
+        (70000, "0.0.0.0", ["mailgov.E026"]),
+        ("9540", "0.0.0.0", ["mailgov.E026"]),
+        (True, "0.0.0.0", ["mailgov.E026"]),
+        (9540, "localhost:9540", ["mailgov.E027"]),
+        (9540, None, ["mailgov.E027"]),
+    ],
+)
+def test_worker_metrics_checks(port, address, ids):
+    """A bad port or address would only show as metrics that never arrive."""
+    with override_settings(
+        MAILGOV_WORKER_METRICS_PORT=port, MAILGOV_WORKER_METRICS_ADDRESS=address
+    ):
+        assert [message.id for message in check_worker_metrics()] == ids
+        assert set(ids) <= {message.id for message in run_checks()}

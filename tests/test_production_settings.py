@@ -4,16 +4,21 @@ the security headers (the demo's too)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from django.contrib.auth.models import AnonymousUser
 from django.test import Client
 
+from mailgov.contrib.allauth.consent import truncated_ip
+from mailgov.contrib.allauth.limits import client_ip, user_key
 from mailgov.crypto import generate_key_entry
 from project.csp import provider_origins
 
@@ -268,3 +273,240 @@ def test_form_action_names_each_configured_provider(settings):
         "https://idp.example.com",
         "https://login.microsoftonline.com",
     ]
+
+
+# -- production never falls back to the demo ------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["DATABASE_URL", "CELERY_BROKER_URL"])
+def test_production_mode_requires_the_database_and_the_broker(tmp_path, name):
+    """Without them, production must stop, naming the variable: not a SQLite
+    file or a filesystem broker in var/ that no other host shares."""
+    env = production_env(tmp_path)
+    del env[name]
+    result = run(env, "-c", "import project.settings")
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert f"needs {name}" in result.stderr
+    # The demo, asked for by name, still runs on its embedded defaults.
+    values = settings_of({**env, "MAILGOV_DEMO": "1"}, "DATABASES", "CELERY_BROKER_URL")
+    if name == "DATABASE_URL":
+        assert values["DATABASES"]["default"]["ENGINE"] == "django.db.backends.sqlite3"
+    else:
+        assert values["CELERY_BROKER_URL"] == "filesystem://localhost/"
+
+
+@pytest.mark.slow
+def test_production_neither_creates_var_nor_invents_a_security_contact(tmp_path):
+    """A read-only image: importing the settings writes nothing; and the
+    protection page shows no made-up address."""
+    env = production_env(tmp_path, MAILGOV_VAR_DIR=str(tmp_path / "read-only" / "var"))
+    values = settings_of(env, "MAILGOV_SECURITY_CONTACT", "METRICS_OPEN", "CACHES")
+    assert not (tmp_path / "read-only").exists()
+    assert values["MAILGOV_SECURITY_CONTACT"] is None
+    assert values["METRICS_OPEN"] is False
+    assert values["CACHES"]["default"]["BACKEND"].endswith("LocMemCache")
+    # The demo keeps its contact and its var/.
+    demo = settings_of({**env, "DJANGO_DEBUG": "1"}, "MAILGOV_SECURITY_CONTACT", "METRICS_OPEN")
+    assert demo == {"MAILGOV_SECURITY_CONTACT": "security@example.test", "METRICS_OPEN": True}
+    assert (tmp_path / "read-only" / "var").is_dir()
+
+
+@pytest.mark.slow
+def test_proxy_cache_and_metrics_settings_come_from_the_environment(tmp_path):
+    token_file = tmp_path / "metrics-token"
+    token_file.write_text("tok-123\n")
+    env = production_env(
+        tmp_path,
+        DJANGO_CACHE_URL="redis://:pw@redis.internal:6379/1",
+        DJANGO_CLIENT_IP_HEADER="X-Forwarded-For",
+        DJANGO_TRUSTED_PROXY_COUNT="2",
+        DJANGO_METRICS_TOKEN_FILE=str(token_file),
+        DJANGO_METRICS_ALLOWED_IPS="10.0.0.0/8, 192.0.2.7",
+        MAILGOV_WORKER_METRICS_PORT="9540",
+        MAILGOV_SECURITY_CONTACT="security@example.com",
+    )
+    names = (
+        "CACHES",
+        "RATELIMIT_IP_META_KEY",
+        "TRUSTED_PROXY_COUNT",
+        "METRICS_TOKEN",
+        "METRICS_ALLOWED_NETWORKS",
+        "MAILGOV_WORKER_METRICS_PORT",
+        "MAILGOV_SECURITY_CONTACT",
+    )
+    assert settings_of(env, *names) == {
+        "CACHES": {
+            "default": {
+                "BACKEND": "django.core.cache.backends.redis.RedisCache",
+                "LOCATION": "redis://:pw@redis.internal:6379/1",
+            }
+        },
+        "RATELIMIT_IP_META_KEY": "project.clientip.forwarded_for",
+        "TRUSTED_PROXY_COUNT": 2,
+        "METRICS_TOKEN": "tok-123",
+        "METRICS_ALLOWED_NETWORKS": ["10.0.0.0/8", "192.0.2.7"],
+        "MAILGOV_WORKER_METRICS_PORT": 9540,
+        "MAILGOV_SECURITY_CONTACT": "security@example.com",
+    }
+    real_ip = settings_of({**env, "DJANGO_CLIENT_IP_HEADER": "X-Real-IP"}, "RATELIMIT_IP_META_KEY")
+    assert real_ip == {"RATELIMIT_IP_META_KEY": "HTTP_X_REAL_IP"}
+    for bad in (
+        {"DJANGO_CACHE_URL": "memcached://x"},
+        {"DJANGO_METRICS_ALLOWED_IPS": "not-a-network"},
+        {"MAILGOV_WORKER_METRICS_PORT": "ninety"},
+    ):
+        result = run({**env, **bad}, "-c", "import project.settings")
+        assert result.returncode != 0
+        assert next(iter(bad)) in result.stderr
+
+
+# -- the client's address behind a proxy -------------------------------------------------------
+
+
+@pytest.fixture
+def behind_proxies(settings):
+    settings.RATELIMIT_IP_META_KEY = "project.clientip.forwarded_for"
+    settings.TRUSTED_PROXY_COUNT = 1
+    return settings
+
+
+def test_rate_limits_and_receipts_see_the_forwarded_client(rf, behind_proxies):
+    """One helper (django-ratelimit's own reading of RATELIMIT_IP_META_KEY)
+    for the per-user limit's anonymous key, the ``ip`` limit and receipts."""
+    request = rf.get("/", REMOTE_ADDR="10.0.0.5", HTTP_X_FORWARDED_FOR="6.6.6.6, 203.0.113.77")
+    request.user = AnonymousUser()
+    assert client_ip(request) == "203.0.113.77"  # not the forged 6.6.6.6, not the proxy
+    assert user_key("g", request) == "ip:203.0.113.77"
+    assert truncated_ip(request) == "203.0.113.0"
+    # Two proxies of ours: the entry the outer one wrote.
+    behind_proxies.TRUSTED_PROXY_COUNT = 2
+    assert client_ip(request) == "6.6.6.6"
+    # Fewer entries than proxies: none is forged; the first one.
+    short = rf.get("/", REMOTE_ADDR="10.0.0.5", HTTP_X_FORWARDED_FOR="203.0.113.9")
+    assert client_ip(short) == "203.0.113.9"
+    # No header: the peer.
+    assert client_ip(rf.get("/", REMOTE_ADDR="198.51.100.4")) == "198.51.100.4"
+
+
+def test_a_header_named_directly(rf, settings):
+    settings.RATELIMIT_IP_META_KEY = "HTTP_X_REAL_IP"
+    request = rf.get("/", REMOTE_ADDR="10.0.0.5", HTTP_X_REAL_IP="2001:db8:1:2:3:4:5:6")
+    request.user = AnonymousUser()
+    assert user_key("g", request) == "ip:2001:db8:1:2::"  # django-ratelimit's IPv6 /64
+    assert truncated_ip(request) == "2001:db8:1::"
+    # A request without the header: no receipt address rather than an error.
+    assert truncated_ip(rf.get("/", REMOTE_ADDR="10.0.0.5")) == ""
+
+
+# -- the README's environment variables are the settings' ---------------------------------------
+
+#: The helpers of project/settings.py that read environment variables by the
+#: name in their first argument, and the suffixes each reads.
+ENV_READERS = {
+    "env_flag": ("",),
+    "env_list": ("",),
+    "env_int": ("",),
+    "env_secret": ("", "_FILE"),
+    "required_env": ("",),
+}
+ENV_NAME = re.compile(r"`([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)`")
+
+
+def settings_environment() -> set[str]:
+    """The names of the variables project/settings.py reads (its source)."""
+    tree = ast.parse((ROOT / "project" / "settings.py").read_text())
+    names: set[str] = set()
+    helpers_with_variable_names = set()
+
+    def literal(node: ast.AST) -> str | None:
+        return (
+            node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+        )
+
+    for function in ast.walk(tree):
+        if not isinstance(function, ast.FunctionDef):
+            continue
+        for node in ast.walk(function):
+            key = None
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "os.environ.get":
+                key = node.args[0]
+            elif isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ":
+                key = node.slice
+            if key is not None and literal(key) is None:
+                helpers_with_variable_names.add(function.name)
+    # Every function that reads a variable whose name it is given is known
+    # here, so that no variable escapes this test.
+    assert helpers_with_variable_names <= {*ENV_READERS, "_app"}, helpers_with_variable_names
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = ast.unparse(node.func)
+            first = literal(node.args[0]) if node.args else None
+            if func in ENV_READERS and first:
+                names.update(first + suffix for suffix in ENV_READERS[func])
+            elif func == "_app":
+                client_id, secret = (literal(arg) for arg in node.args[:2])
+                names.update({client_id, secret, secret + "_FILE"})
+            elif func == "os.environ.get" and first:
+                names.add(first)
+        elif (
+            isinstance(node, ast.Subscript)
+            and ast.unparse(node.value) == "os.environ"
+            and literal(node.slice)
+        ):
+            names.add(literal(node.slice))
+    return names
+
+
+def readme_deploying_environment() -> tuple[set[str], set[str]]:
+    """The variables of the README's "Deploying" table, and those its
+    example sets (``NAME=`` in its sh block)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Deploying\n") :]
+    section = section[: section.index("\n### ", 1)]
+    table = {
+        name
+        for line in section.splitlines()
+        if line.startswith("| `")
+        for name in ENV_NAME.findall(line.split(" | ")[0])
+    }
+    block = section[section.index("```sh\n") : section.index("```\n", section.index("```sh\n") + 6)]
+    example = set(re.findall(r"(?:^|\s)([A-Z][A-Z0-9_]+)=", block, re.MULTILINE))
+    return table, example
+
+
+def test_readme_deploying_names_every_variable_the_settings_read():
+    table, example = readme_deploying_environment()
+    read = settings_environment()
+    assert read - table == set(), "read by project/settings.py, missing from the README"
+    assert table - read == set(), "in the README's table, never read by project/settings.py"
+    assert example <= table
+
+
+# -- make audit says what it exits with ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_make_audit_exit_status_is_what_the_readme_says(tmp_path):
+    """make exits 2 whatever its recipe exits with; the script under it
+    exits 3 when the audit could not run. Both as the README says, and the
+    line .ci/run reads is printed."""
+    missing = f"AUDIT_ARGS=--requirements {tmp_path / 'no-such-constraints.txt'}"
+    result = subprocess.run(
+        ["make", "--no-print-directory", "-o", ".venv/.installed", "audit", missing],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "dependency audit could not run: " in result.stdout
+    assert result.returncode == 2
+    script = run(
+        dict(os.environ), "-m", "project.audit", "--requirements", str(tmp_path / "none.txt")
+    )
+    assert script.returncode == 3
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "`make audit` exits 2 on both failures" in readme
+    assert "exits 1 for a finding and 3 when it could not run" in readme

@@ -9,12 +9,14 @@ from typing import Any
 from allauth.socialaccount.adapter import get_adapter
 from allauth.socialaccount.models import SocialLogin
 from allauth.socialaccount.providers.base.constants import AuthProcess
+from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
 from mailgov.capabilities import Capability
+from mailgov.contrib.allauth.limits import client_ip
 from mailgov.exceptions import MailgovError, TokenRefreshError
 from mailgov.models import ConsentReceipt, Mailbox
 from mailgov.providers import Provider, TokenResponse, get_provider
@@ -30,10 +32,15 @@ STATE_KEY = "mailgov"
 
 
 def truncated_ip(request: HttpRequest) -> str:
-    """The client's IP without its host part: /24 for IPv4, /48 for IPv6."""
+    """The client's IP without its host part: /24 for IPv4, /48 for IPv6.
+
+    The address the rate limits see (:func:`~mailgov.contrib.allauth.limits.client_ip`,
+    which follows ``RATELIMIT_IP_META_KEY`` behind a proxy); empty when there
+    is none. A receipt is never refused for want of an address.
+    """
     try:
-        address = ipaddress.ip_address(request.META.get("REMOTE_ADDR", ""))
-    except ValueError:
+        address = ipaddress.ip_address(client_ip(request))
+    except (ValueError, KeyError, ImproperlyConfigured):
         return ""
     prefix = 24 if address.version == 4 else 48
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)

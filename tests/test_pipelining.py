@@ -285,3 +285,20 @@ def test_a_421_mid_batch_charges_that_message_only(connect, proxy, smtp, pipelin
     assert proxy.stats.connections == 2
     statuses = sorted(SendLog.objects.values_list("status", flat=True))
     assert statuses == [SendLog.Status.FAILED] + [SendLog.Status.SENT] * 3
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_eight_bit_content_is_announced_as_8bitmime(connect, smtp, settings, pipelining):
+    """Django sends UTF-8 text as ``Content-Transfer-Encoding: 8bit``; RFC 6152
+    asks for ``BODY=8BITMIME`` on MAIL FROM for such content (the server offers it)."""
+    connect("alice")
+    settings.MAILGOV_SMTP_PIPELINING = pipelining
+    sent = EmailBackend().send_messages(
+        [*messages(1, body="Grüße aus Zürich\n"), *messages(1, body="plain ascii\n")]
+    )
+    assert sent == 2
+    eight, seven = smtp.messages
+    assert b"8bit" in eight.data.lower() and not eight.data.isascii()
+    assert "BODY=8BITMIME" in eight.mail_options
+    assert eight.parse().get_content().startswith("Grüße aus Zürich")
+    assert seven.data.isascii() and not any(o.startswith("BODY=") for o in seven.mail_options)

@@ -194,6 +194,7 @@ class ReceivedMessage:
     ``data`` is the message exactly as sent after DATA (CRLF line ends, dot-stuffing
     removed). ``auth_user`` is the authenticated address and ``auth_mechanism`` one of
     ``XOAUTH2``, ``PLAIN``, ``LOGIN``. ``received_at`` is timezone-aware UTC.
+    ``mail_options`` are the parameters of MAIL FROM (``SIZE=1234``, ``BODY=8BITMIME``).
     """
 
     mail_from: str
@@ -204,6 +205,7 @@ class ReceivedMessage:
     received_at: datetime.datetime = field(
         default_factory=lambda: datetime.datetime.now(datetime.UTC)
     )
+    mail_options: tuple[str, ...] = ()
 
     def parse(self) -> email.message.EmailMessage:
         """The message parsed with the modern ``email`` policy (headers decoded)."""
@@ -588,6 +590,7 @@ class _SubmissionHandler:
             data=envelope.original_content,
             auth_user=identity.user,
             auth_mechanism=identity.mechanism,
+            mail_options=tuple(envelope.mail_options),
         )
         owner = self._owner
         if owner.faults.close_after_data:

@@ -203,6 +203,13 @@ def _record(batch: _Batch, row: OutboxMessage, verdict: Verdict) -> None:
         OutboxMessage.objects.filter(pk=row.pk, claim_id=claim.claim_id).exclude(
             state__in=[State.SENT, State.CANCELLED]
         ).update(**fields)
+        if outcome in (Outcome.RETRY, Outcome.DEFERRED, Outcome.HELD):
+            # Its body was deleted while this worker held it (an erasure of
+            # the owner's data): it can never be sent, so it is not kept
+            # waiting (a held row without a body is never released).
+            OutboxMessage.objects.filter(
+                pk=row.pk, state__in=[State.QUEUED, State.HELD], payload__isnull=True
+            ).update(state=State.FAILED, error_code="body_deleted", finished_at=now)
         OutboxAttempt.objects.filter(message_id=row.pk, claim_id=claim.claim_id).update(
             outcome=outcome,
             finished_at=now,
@@ -253,6 +260,12 @@ def send_claim(claim: Claim, *, now_fn: Any = timezone.now, backend: Any = None)
     mailbox = claim.mailbox
     items: list[PreparedMessage] = []
     for row in claim.rows:
+        if row.payload is None:
+            # Deleted while a worker held the row (an erasure of its owner's
+            # data does that to a message being sent): nothing left to send.
+            logger.warning("outbox message %s has no body any more: failed", row.pk)
+            _record(batch, row, Verdict(Outcome.FAILED, "body_deleted"))
+            continue
         try:
             payload = _open_payload(row)
         except (DecryptionError, ValueError, TypeError) as exc:

@@ -18,11 +18,13 @@ from auditlog.context import set_actor
 from auditlog.models import LogEntry
 from django.contrib.auth import get_user_model
 from django.contrib.contenttypes.models import ContentType
+from django.core.mail import EmailMessage, get_connection
 from django.core.management import CommandError, call_command
 from django.db import connection
+from django.test import TestCase
 from django.utils import timezone
 
-from mailgov import governance
+from mailgov import delivery, governance
 from mailgov.exceptions import UserLookupError
 from mailgov.lifecycle import purge
 from mailgov.models import (
@@ -44,6 +46,7 @@ from mailgov.privacy import (
     pseudonym,
 )
 from mailgov.revocation import retry_revocations, revoke_mailbox
+from mailgov.signals import pre_send
 from tests.conftest import assert_refresh_token_revoked, secrets_of, staff_user
 
 #: The stored form of every encrypted value starts with it (mailgov.crypto).
@@ -548,3 +551,37 @@ def test_a_non_ascii_address_is_found_wherever_the_audit_trail_quotes_it(site_us
     erase_user(owner)
     entry = LogEntry.objects.get(object_pk=str(alice.pk), changes__has_key="note")
     assert entry.changes["note"] == ["", f"cc {pseudonym('jörg@exämple.test')}"]
+
+
+@pytest.mark.django_db
+def test_messages_being_sent_when_their_owner_is_erased_end_without_a_body(connect, smtp):
+    mailbox = connect("alice")
+    backend = get_connection("mailgov.backends.queued.EmailBackend")
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        backend.send_messages(
+            [
+                EmailMessage(f"Board {i}", BODY, mailbox.address, ["bob@example.test"])
+                for i in range(3)
+            ]
+        )
+
+    def erase_during_the_batch(**kwargs):
+        pre_send.disconnect(erase_during_the_batch)
+        erase_user(mailbox.owner)
+
+    # The owner is erased while a worker holds their messages (claimed,
+    # ``sending``): the erasure deletes the bodies, the worker finishes the
+    # one it started, and the others can never go.
+    pre_send.connect(erase_during_the_batch, weak=False)
+    try:
+        delivery.deliver(mailbox_id=mailbox.pk)
+    finally:
+        pre_send.disconnect(erase_during_the_batch)
+    rows = OutboxMessage.objects.filter(mailbox=mailbox).order_by("created_at")
+    assert [(row.state, row.error_code) for row in rows] == [
+        ("sent", ""),
+        ("failed", "body_deleted"),
+        ("failed", "body_deleted"),
+    ]
+    assert not rows.filter(payload__isnull=False).exists()
+    assert len(smtp.messages) == 1

@@ -203,13 +203,16 @@ def _record(batch: _Batch, row: OutboxMessage, verdict: Verdict) -> None:
         OutboxMessage.objects.filter(pk=row.pk, claim_id=claim.claim_id).exclude(
             state__in=[State.SENT, State.CANCELLED]
         ).update(**fields)
-        if outcome in (Outcome.RETRY, Outcome.DEFERRED, Outcome.HELD):
-            # Its body was deleted while this worker held it (an erasure of
-            # the owner's data): it can never be sent, so it is not kept
-            # waiting (a held row without a body is never released).
+        # Its body was deleted while this worker held it (an erasure of the
+        # owner's data): it can never be sent, so it is not kept waiting (a
+        # held row without a body is never released).
+        if outcome in (Outcome.RETRY, Outcome.DEFERRED, Outcome.HELD) and (
             OutboxMessage.objects.filter(
                 pk=row.pk, state__in=[State.QUEUED, State.HELD], payload__isnull=True
             ).update(state=State.FAILED, error_code="body_deleted", finished_at=now)
+        ):
+            outcome = Outcome.FAILED
+            fields["error_code"] = "body_deleted"
         OutboxAttempt.objects.filter(message_id=row.pk, claim_id=claim.claim_id).update(
             outcome=outcome,
             finished_at=now,

@@ -283,7 +283,8 @@ def serve_worker_metrics(sender: Any = None, **kwargs: Any) -> None:
             port,
         )
         return
-    address = mailgov_settings.WORKER_METRICS_ADDRESS
+    # Empty: every address (getaddrinfo refuses "" as a host to bind).
+    address = mailgov_settings.WORKER_METRICS_ADDRESS or "0.0.0.0"  # noqa: S104
     try:
         prometheus_client.start_http_server(int(port), addr=address, registry=registry)
     except OSError as exc:

@@ -59,6 +59,7 @@ import json
 import logging
 import re
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 from auditlog.context import auditlog_value
@@ -86,7 +87,7 @@ from mailgov.models import (
     RefreshEvent,
     SendLog,
 )
-from mailgov.revocation import queue_revocations, revoke_mailbox
+from mailgov.revocation import queue_deleted, queue_revocations, revoke_mailbox
 
 security_logger = logging.getLogger("mailgov.security")
 
@@ -551,12 +552,16 @@ def _erase(user: Any, *, actor: Any = None) -> ErasureRecord:
     ).exclude(revocation_given_up_at=None)
     retry_ids = list(retried.values_list("pk", flat=True))
     retried.update(revocation_attempts=0, revocation_given_up_at=None, revocation_retry_at=now)
-    PendingRevocation.objects.filter(mailbox_id__in=mailbox_ids).exclude(given_up_at=None).update(
-        attempts=0, given_up_at=None, retry_at=now
+    given_up = PendingRevocation.objects.filter(mailbox_id__in=mailbox_ids).exclude(
+        given_up_at=None
     )
+    pending_ids = list(given_up.values_list("pk", flat=True))
+    given_up.update(attempts=0, given_up_at=None, retry_at=now)
     if retry_ids:
         transaction.on_commit(lambda: queue_revocations(retry_ids))
-    counts["revocations_restarted"] = len(retry_ids)
+    for pending_id in pending_ids:
+        transaction.on_commit(partial(queue_deleted, pending_id))
+    counts["revocations_restarted"] = len(retry_ids) + len(pending_ids)
     # A revoked mailbox whose earlier revocation is still pending keeps its
     # refresh token for that; an access token is never needed again.
     MailboxCredentials.objects.filter(pk__in=mailbox_ids).update(access_token=None, expires_at=None)

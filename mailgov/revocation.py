@@ -209,7 +209,7 @@ def keep_for_revocation(mailbox: Mailbox, *, why: str = "deleted") -> PendingRev
     )
     pending.refresh_token = token
     pending.save()
-    transaction.on_commit(lambda: _queue_deleted(pending.pk))
+    transaction.on_commit(lambda: queue_deleted(pending.pk))
     security_logger.info(
         "mailbox %s %s; revocation of its old grant at provider %r queued",
         mailbox.pk,
@@ -219,7 +219,10 @@ def keep_for_revocation(mailbox: Mailbox, *, why: str = "deleted") -> PendingRev
     return pending
 
 
-def _queue_deleted(pending_id: Any) -> None:
+def queue_deleted(pending_id: Any) -> None:
+    """Queue the revocation of a deleted mailbox's grant (its
+    :class:`PendingRevocation`); call on commit. Not queued, the sweep
+    retries it from the row."""
     from mailgov import tasks
 
     error = tasks.publish_task(tasks.revoke_deleted, args=(str(pending_id),))

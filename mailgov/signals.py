@@ -23,7 +23,8 @@ token_refreshed = Signal()
 pre_send = Signal()
 
 #: A batch finished for one mailbox. Arguments: ``mailbox``, ``sent`` (int),
-#: ``failed`` (int).
+#: ``failed`` (int: the batch's messages not sent, those left unattempted
+#: after a lost connection included; the queued path sends those later).
 post_send = Signal()
 
 #: A grant's revocation at its provider came to an end (no more attempts):

@@ -33,6 +33,8 @@ def peer_allowed(request: HttpRequest, networks: list[str]) -> bool:
         peer = ipaddress.ip_address(request.META.get("REMOTE_ADDR", ""))
     except ValueError:
         return False
+    # A dual-stack listener ([::]) sees an IPv4 peer as ::ffff:a.b.c.d.
+    peer = getattr(peer, "ipv4_mapped", None) or peer
     return any(peer in ipaddress.ip_network(network, strict=False) for network in networks)
 
 

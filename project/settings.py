@@ -8,9 +8,10 @@ Everything secret or site-specific comes from the environment; the README's
 "Deploying" section lists every variable read here (a test keeps the two
 lists equal). With ``DJANGO_DEBUG=0`` (production: HSTS, HTTPS redirect,
 secure cookies) nothing falls back to the demo's embedded defaults: a
-missing ``DJANGO_SECRET_KEY``, ``DATABASE_URL`` or ``CELERY_BROKER_URL``
-stops the import with an ``ImproperlyConfigured`` that names it, unless
-``MAILGOV_DEMO=1`` asks for the demo.
+missing ``DJANGO_SECRET_KEY`` stops the import with an
+``ImproperlyConfigured`` that names it (a generated key is never right off
+DEBUG), and so does a missing ``DATABASE_URL`` or ``CELERY_BROKER_URL``,
+unless ``MAILGOV_DEMO=1`` asks for the demo's SQLite and filesystem broker.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -345,3 +346,14 @@ def staff_user(username: str, group: str | None = None, perms=(), **extra):
             Permission.objects.get(content_type__app_label=app_label, codename=codename)
         )
     return user
+
+
+def wait_until(condition: Callable[[], object], seconds: float = 5.0) -> bool:
+    """Poll ``condition`` every 10 ms for up to ``seconds``; whether it came
+    true (the server sees a close a moment after the client)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

@@ -23,6 +23,7 @@ from mailgov.claims import claim_batch
 from mailgov.delivery import POOL, close_kept, send_claim, smtp_backend
 from mailgov.models import KeptConnection, OutboxMessage
 from mailgov.outcomes import Outcome
+from tests.conftest import wait_until
 from tests.test_outbox import queue
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -40,16 +41,6 @@ def alice(connect, smtp, settings):
     settings.MAILGOV_SMTP_IDLE_SECONDS = 30
     smtp.clear()
     return mailbox
-
-
-def wait_until(condition, seconds: float = 5.0) -> bool:
-    """Poll ``condition``: the server sees a close a moment after the client."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_a_connection_left_open_between_batches_counts(alice, smtp):

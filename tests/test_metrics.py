@@ -181,6 +181,9 @@ def test_metrics_address_allowlist(client, settings):
     assert client.get("/metrics", REMOTE_ADDR="10.1.2.3").status_code == 200
     assert client.get("/metrics", REMOTE_ADDR="192.0.2.7").status_code == 200
     assert client.get("/metrics", REMOTE_ADDR="192.0.2.8").status_code == 403
+    # A dual-stack listener ([::]) names an IPv4 peer as ::ffff:a.b.c.d.
+    assert client.get("/metrics", REMOTE_ADDR="::ffff:10.1.2.3").status_code == 200
+    assert client.get("/metrics", REMOTE_ADDR="::ffff:192.0.2.8").status_code == 403
     # A forwarded header is no way in: the peer's own address counts.
     forged = client.get("/metrics", REMOTE_ADDR="198.51.100.1", HTTP_X_FORWARDED_FOR="10.1.2.3")
     assert forged.status_code == 403

@@ -32,6 +32,7 @@ from mailgov.models import (
     ErasureRecord,
     Mailbox,
     MailboxCredentials,
+    OutboxAttempt,
     OutboxMessage,
     PendingRevocation,
     RefreshEvent,
@@ -584,4 +585,11 @@ def test_messages_being_sent_when_their_owner_is_erased_end_without_a_body(conne
         ("failed", "body_deleted"),
     ]
     assert not rows.filter(payload__isnull=False).exists()
+    # Their attempts say so too (not "held" or "retry").
+    outcomes = OutboxAttempt.objects.filter(message__mailbox=mailbox).order_by("started_at")
+    assert sorted(outcomes.values_list("outcome", "error_code")) == [
+        ("failed", "body_deleted"),
+        ("failed", "body_deleted"),
+        ("sent", ""),
+    ]
     assert len(smtp.messages) == 1

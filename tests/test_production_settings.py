@@ -388,6 +388,19 @@ def test_rate_limits_and_receipts_see_the_forwarded_client(rf, behind_proxies):
     assert client_ip(short) == "203.0.113.9"
     # No header: the peer.
     assert client_ip(rf.get("/", REMOTE_ADDR="198.51.100.4")) == "198.51.100.4"
+    # A proxy that writes a port, or "unknown": the address, else the peer
+    # (django-ratelimit would fail on anything that is no address).
+    behind_proxies.TRUSTED_PROXY_COUNT = 1
+    for written, seen in [
+        ("203.0.113.77:51234", "203.0.113.77"),
+        ("[2001:db8::7]:443", "2001:db8::"),  # django-ratelimit keeps the /64
+        ("unknown", "10.0.0.5"),
+        ("", "10.0.0.5"),
+    ]:
+        odd = rf.get("/", REMOTE_ADDR="10.0.0.5", HTTP_X_FORWARDED_FOR=f"6.6.6.6, {written}")
+        odd.user = AnonymousUser()
+        assert client_ip(odd) == seen
+        assert user_key("g", odd).startswith("ip:")
 
 
 def test_a_header_named_directly(rf, settings):

@@ -23,7 +23,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,6 +38,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from mailgov.testing import ca
 from mailgov.testing.ca import TLSFiles, ensure_tls_files
 from mailgov.testing.smtpserver import REDACTED, AuthAttempt, SubmissionServer, _TranscriptTap
+from tests.conftest import wait_until
 
 SCOPE = "mail.send"
 CLIENT_ID = "smtp-relay"
@@ -305,16 +305,6 @@ def test_starttls_required_before_auth_and_mail(server):
     ]
     assert server.auth_attempts == []
     assert server.connections == 1
-
-
-def wait_until(condition, seconds: float = 5.0) -> bool:
-    """Poll ``condition`` (the server sees a close a moment after the client)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_open_and_peak_connections(server, tls):

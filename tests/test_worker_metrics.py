@@ -9,6 +9,7 @@ import runpy
 import types
 import urllib.request
 
+import prometheus_client
 import pytest
 from celery.concurrency.prefork import TaskPool as PreforkPool
 from prometheus_client import CollectorRegistry
@@ -95,9 +96,36 @@ def test_a_prefork_worker_without_multiprocess_dir_serves_nothing(
     assert isinstance(metrics.worker_registry(pool), CollectorRegistry)
 
 
-def test_no_port_serves_nothing(settings):
+def test_no_port_serves_nothing_and_an_empty_address_serves_every_one(
+    settings, monkeypatch, tmp_path
+):
+    started = []
+    real = prometheus_client.start_http_server
+
+    def start(port, addr, registry):
+        server, thread = real(port, addr=addr, registry=registry)
+        started.append(server)
+        return server, thread
+
+    monkeypatch.setattr(metrics.prometheus_client, "start_http_server", start)
+    # Multiprocess mode: a registry of the folder's files, nothing global touched.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    solo = types.SimpleNamespace(pool=object())
     settings.MAILGOV_WORKER_METRICS_PORT = None
-    metrics.serve_worker_metrics(sender=None)  # returns before looking at the pool
+    metrics.serve_worker_metrics(sender=solo)
+    assert started == []
+    # An empty address means every address (as the check E027 lets it).
+    port = free_port()
+    settings.MAILGOV_WORKER_METRICS_PORT = port
+    settings.MAILGOV_WORKER_METRICS_ADDRESS = ""
+    metrics.serve_worker_metrics(sender=solo)
+    try:
+        assert len(started) == 1
+        fetch(port)  # answers on 127.0.0.1
+    finally:
+        for server in started:
+            server.shutdown()
+            server.server_close()
 
 
 def test_gunicorn_child_exit_marks_the_process_dead(monkeypatch, tmp_path):

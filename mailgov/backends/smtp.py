@@ -683,6 +683,11 @@ class EmailBackend(smtp.EmailBackend):
                     gone = self._lost(exc)
                     if gone:
                         self.close()
+                        if on_result is None:
+                            # Sent directly (send_messages): nothing will send
+                            # the rest later, so they failed with this batch,
+                            # and the send log says so.
+                            fail(items[index + 1 :], exc)
                     if not self.fail_silently:
                         raise
                     if gone:

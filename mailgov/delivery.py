@@ -263,19 +263,20 @@ def send_claim(claim: Claim, *, now_fn: Any = timezone.now, backend: Any = None)
     mailbox = claim.mailbox
     items: list[PreparedMessage] = []
     for row in claim.rows:
-        if row.payload is None:
-            # Deleted while a worker held the row (an erasure of its owner's
-            # data does that to a message being sent): nothing left to send.
-            logger.warning("outbox message %s has no body any more: failed", row.pk)
-            _record(batch, row, Verdict(Outcome.FAILED, "body_deleted"))
-            continue
         try:
-            payload = _open_payload(row)
+            # Reading the field decrypts it: inside the try.
+            payload = None if row.payload is None else _open_payload(row)
         except (DecryptionError, ValueError, TypeError) as exc:
             # The key was removed, or the row was tampered with: this row
             # fails, named; the others go on.
             logger.error("outbox message %s cannot be opened: %s", row.pk, type(exc).__name__)
             _record(batch, row, Verdict(Outcome.FAILED, "decryption_failed"))
+            continue
+        if payload is None:
+            # Deleted while a worker held the row (an erasure of its owner's
+            # data does that to a message being sent): nothing left to send.
+            logger.warning("outbox message %s has no body any more: failed", row.pk)
+            _record(batch, row, Verdict(Outcome.FAILED, "body_deleted"))
             continue
         items.append(
             PreparedMessage(

@@ -368,14 +368,16 @@ def send_claim(claim: Claim, *, now_fn: Any = timezone.now, backend: Any = None)
             for item in items:
                 if item.ref.pk not in batch.done:
                     _record(batch, item.ref, classify(exc, batch.provider_type, now_fn()))
-    if pause and pause[0].pause_until is not None:
-        _pause(batch, pause[0])
     for item in items:
         if item.ref.pk not in batch.done:
             # Not attempted (the batch stopped, or the connection was lost
             # before it): back to the queue, no failure counted, no send log.
             until = pause[0].pause_until if pause else now_fn()
             _record(batch, item.ref, Verdict(Outcome.DEFERRED, "not_attempted", None, until))
+    # After every row of the batch is back in the queue: whoever sees the
+    # mailbox paused sees none of its messages still being sent.
+    if pause and pause[0].pause_until is not None:
+        _pause(batch, pause[0])
     if kept:
         _settle(backend, claim.worker, clean=set(batch.counts) <= {Outcome.SENT})
     return batch.counts

@@ -58,7 +58,7 @@ import getpass
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -67,7 +67,7 @@ from auditlog.models import LogEntry
 from django.contrib.auth import get_user_model
 from django.contrib.contenttypes.models import ContentType
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 from django.db.models.signals import pre_save
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
@@ -437,6 +437,14 @@ def scrub_free_text(replacements: dict[str, str], username: str = "") -> int:
     address_pattern = _pattern(addresses)
     actor = username.lower() if username and not _is_pseudonym(username) else ""
     actor_pattern = _pattern({actor: replacements[actor]}, prefix=r"(?<=\bby )") if actor else None
+
+    def rewrite(text: str) -> str:
+        if address_pattern is not None:
+            text = _replace(text, address_pattern, addresses)
+        if actor_pattern is not None:
+            text = _replace(text, actor_pattern, replacements)
+        return text
+
     changed = 0
     for model, fields in FREE_TEXT:
         query = Q(pk__in=[])
@@ -445,19 +453,23 @@ def scrub_free_text(replacements: dict[str, str], username: str = "") -> int:
                 query |= Q(**{f"{field}__icontains": value})
             if actor:
                 query |= Q(**{f"{field}__icontains": f"by {actor}"})
-        for row in model.objects.filter(query).only("pk", *fields).iterator(chunk_size=500):
-            update = {}
-            for field in fields:
-                text = original = getattr(row, field)
-                if address_pattern is not None:
-                    text = _replace(text, address_pattern, addresses)
-                if actor_pattern is not None:
-                    text = _replace(text, actor_pattern, replacements)
-                if text != original:
-                    update[field] = text
-            if update:
-                model.objects.filter(pk=row.pk).update(**update)
-                changed += 1
+        changed += _rewrite(model.objects.filter(query), fields, rewrite)
+    return changed
+
+
+def _rewrite(
+    rows: QuerySet, fields: Sequence[str], rewrite: Callable[[Any], Any], **cleared: Any
+) -> int:
+    """Rewrite ``fields`` of each row of ``rows`` with ``rewrite``, and set the
+    fields of ``cleared`` to its values: one ``update()`` a row that changed
+    (no signal, so no audit entry about the rewriting). Returns rows changed."""
+    changed = 0
+    for row in rows.only("pk", *fields, *cleared).iterator(chunk_size=500):
+        values = {name: rewrite(getattr(row, name)) for name in fields} | cleared
+        update = {name: value for name, value in values.items() if getattr(row, name) != value}
+        if update:
+            rows.model.objects.filter(pk=row.pk).update(**update)
+            changed += 1
     return changed
 
 
@@ -486,19 +498,14 @@ def scrub_audit(replacements: dict[str, str], related: Q | None = None) -> int:
             for form in {value, json.dumps(value)[1:-1]}:
                 for field in AUDIT_JSON:
                     query |= Q(**{f"{field}__icontains": form})
-    changed = 0
-    for entry in LogEntry.objects.filter(query).iterator(chunk_size=500):
-        fields = {
-            name: _replace(getattr(entry, name), pattern, replacements)
-            for name in (*AUDIT_TEXT, *AUDIT_JSON)
-        }
-        if related is not None and entry.remote_addr:
-            fields["remote_addr"] = None
-        if any(getattr(entry, name) != value for name, value in fields.items()):
-            # update(): no signal, and no audit entry about the audit entry.
-            LogEntry.objects.filter(pk=entry.pk).update(**fields)
-            changed += 1
-    return changed
+    # Related entries also lose where they came from (the subject's IP).
+    cleared = {"remote_addr": None} if related is not None else {}
+    return _rewrite(
+        LogEntry.objects.filter(query),
+        (*AUDIT_TEXT, *AUDIT_JSON),
+        lambda value: _replace(value, pattern, replacements),
+        **cleared,
+    )
 
 
 #: The erasure record's "by" when users erased their own data.

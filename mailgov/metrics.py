@@ -48,7 +48,7 @@ from typing import Any
 from celery import signals as celery_signals
 from celery.concurrency.prefork import TaskPool as PreforkPool
 from django.db import DatabaseError
-from django.db.models import Count, Min
+from django.db.models import Count, Min, Q
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
@@ -190,13 +190,16 @@ class MailgovCollector(Collector):
         # Given up: the sweep stopped retrying after MAILGOV_REVOCATION_MAX_ATTEMPTS;
         # the grant stays live at the provider until an operator acts
         # (mailgov_retry_revocations). Retrying: the sweep still tries.
-        kept = MailboxCredentials.objects.filter(PENDING, refresh_token__isnull=False)
-        given_up = kept.filter(mailbox__revocation_given_up_at__isnull=False).count()
-        retrying = kept.count() - given_up
-        deleted = PendingRevocation.objects.filter(refresh_token__isnull=False)
-        deleted_given_up = deleted.filter(given_up_at__isnull=False).count()
-        retrying += deleted.count() - deleted_given_up
-        given_up += deleted_given_up
+        # One query a table: all of them, and those given up.
+        kept = MailboxCredentials.objects.filter(PENDING, refresh_token__isnull=False).aggregate(
+            total=Count("pk"),
+            given_up=Count("pk", filter=Q(mailbox__revocation_given_up_at__isnull=False)),
+        )
+        deleted = PendingRevocation.objects.filter(refresh_token__isnull=False).aggregate(
+            total=Count("pk"), given_up=Count("pk", filter=Q(given_up_at__isnull=False))
+        )
+        given_up = kept["given_up"] + deleted["given_up"]
+        retrying = kept["total"] + deleted["total"] - given_up
         pending = GaugeMetricFamily(
             "mailgov_revocations_pending",
             "Grants still to be revoked at their provider (revoked or deleted mailboxes "

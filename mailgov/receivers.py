@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.utils import timezone
+
 from mailgov import crypto
 
 security_logger = logging.getLogger("mailgov.security")
@@ -24,7 +26,8 @@ def log_needs_reconsent(*, mailbox: Any, reason: str, **kwargs: Any) -> None:
 
 def keep_grant_for_revocation(*, instance: Any, **kwargs: Any) -> None:
     """Before a mailbox row is deleted (the admin, an ORM cascade from its
-    owner, a shell): its grant must not be orphaned at the provider."""
+    owner, a shell): its grant must not be orphaned at the provider, and its
+    receipts, which outlive it, record when the grant ended."""
     from mailgov.models import Mailbox
     from mailgov.revocation import keep_for_revocation
 
@@ -36,8 +39,6 @@ def keep_grant_for_revocation(*, instance: Any, **kwargs: Any) -> None:
 def end_receipts(mailbox: Any) -> None:
     """The mailbox row is going: its receipts (which outlive it, as proof of
     consent) say when the grant ended, from which their retention runs."""
-    from django.utils import timezone
-
     from mailgov.models import ConsentReceipt
 
     # A mailbox revoked earlier ended its grant then.

@@ -46,8 +46,12 @@ __all__ = ["Claim", "claim_batch", "may_hold_connection", "other_holders", "work
 
 
 def worker_name() -> str:
-    """``host:pid:thread``: who holds a claim, shown on its attempts."""
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 100000}"
+    """``host:pid:thread``: who holds a claim or a kept connection, shown on
+    its attempts. Distinct for every live thread of the host: ``thread`` is
+    the operating system's thread id. (Python's ``threading.get_ident()``
+    is a memory address; cut short, two live threads could share a name,
+    and then one's kept connection would go uncounted.)"""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_native_id()}"
 
 
 @dataclass

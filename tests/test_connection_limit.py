@@ -19,7 +19,7 @@ from django.db import connection as db_connection
 from django.utils import timezone
 
 from mailgov import delivery
-from mailgov.claims import claim_batch
+from mailgov.claims import claim_batch, worker_name
 from mailgov.delivery import POOL, close_kept, send_claim, smtp_backend
 from mailgov.models import KeptConnection, OutboxMessage
 from mailgov.outcomes import Outcome
@@ -41,6 +41,27 @@ def alice(connect, smtp, settings):
     settings.MAILGOV_SMTP_IDLE_SECONDS = 30
     smtp.clear()
     return mailbox
+
+
+def test_every_live_thread_holds_under_its_own_name():
+    """Holders are counted by name, so two live threads must never share
+    one: the name ends in the operating system's thread id."""
+    names: dict[int, str] = {}
+    ready = threading.Barrier(33)
+
+    def record() -> None:
+        names[threading.get_native_id()] = worker_name()
+        ready.wait(10)  # all alive at once: none can reuse another's id
+
+    threads = [threading.Thread(target=record) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    ready.wait(10)
+    for thread in threads:
+        thread.join()
+    names[threading.get_native_id()] = worker_name()
+    assert len(set(names.values())) == 33
+    assert all(name.endswith(f":{tid}") for tid, name in names.items())
 
 
 def test_a_connection_left_open_between_batches_counts(alice, smtp):

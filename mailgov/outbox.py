@@ -198,7 +198,10 @@ def enqueue(
             idempotency_key=stored_key,
             recipient_count=len(item.recipients),
             next_attempt_at=now,
-            created_at=now,
+            # A microsecond apart: claims take a mailbox's due rows by
+            # (next_attempt_at, created_at), so the messages of one call
+            # go out in the order given, on any database.
+            created_at=now + timedelta(microseconds=len(new)),
         )
         row.payload = envelope(item)
         if stored_key is not None:

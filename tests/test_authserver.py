@@ -37,6 +37,7 @@ from mailgov.testing.peers import (
     PeerStartError,
     ServerProcess,
     free_port,
+    port_is_free,
     start_authserver,
 )
 
@@ -609,6 +610,20 @@ def test_tokens_and_secrets_stay_out_of_the_log_and_the_database(
 # -- the process helpers ---------------------------------------------------------
 
 
+def test_free_ports_are_below_the_ephemeral_range() -> None:
+    """No outgoing connection can be given the port before its server binds it."""
+    from mailgov.testing.peers import _ephemeral_low
+
+    low = _ephemeral_low()
+    if sys.platform == "linux":
+        assert low is not None
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1  # picked at random, not one port for every caller
+    for port in ports:
+        assert port_is_free(port)
+        assert low is None or 10000 <= port < low
+
+
 def test_server_process_reports_an_early_exit(tmp_path: Path) -> None:
     process = ServerProcess(
         [sys.executable, "-c", "print('cannot bind'); raise SystemExit(3)"],
@@ -626,9 +641,9 @@ def test_server_process_times_out_and_stops_the_group(tmp_path: Path) -> None:
         [sys.executable, "-c", "import time; print('waiting', flush=True); time.sleep(60)"],
         log_path=tmp_path / "slow.log",
         ready_port=free_port(),
-        timeout=1,
+        timeout=5,  # time for a loaded machine to start Python and print
     )
-    with pytest.raises(PeerStartError, match=r"(?s)not ready after 1 s.*waiting"):
+    with pytest.raises(PeerStartError, match=r"(?s)not ready after 5 s.*waiting"):
         process.start()
     assert process.returncode is not None  # stopped, not left running
 

@@ -29,6 +29,11 @@ MAILGOV_PROVIDERS = {}
 
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
+else:
+    # A database of this run's own on a shared server: two runs at once (a
+    # developer's beside CI's) must not drop each other's. (Helper processes
+    # that tests start are given the run's database by name.)
+    DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
 
 LOGGING = {
     "version": 1,

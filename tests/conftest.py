@@ -52,6 +52,17 @@ def _fresh_cache():
 
 
 @pytest.fixture(autouse=True)
+def _one_rate_limit_window(monkeypatch):
+    """django-ratelimit counts in fixed windows whose edges fall at any
+    second (a per-key offset): a test's few requests could straddle one and
+    start a fresh count. Each test runs inside one window instead."""
+    import django_ratelimit.core
+
+    start = int(time.time())
+    monkeypatch.setattr(django_ratelimit.core, "_get_window", lambda value, period: start + period)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_keyring():
     reset_keyring()
     yield

@@ -118,6 +118,7 @@ def test_more_worker_threads_than_the_limit_never_exceed_it(alice, smtp):
         thread.start()
     for thread in threads:
         thread.join(90)
+    assert not any(thread.is_alive() for thread in threads)
     assert not errors, errors
     assert OutboxMessage.objects.filter(state=OutboxMessage.State.SENT).count() == len(rows)
     assert len(smtp.messages) == len(rows)

@@ -230,7 +230,9 @@ def test_a_round_trip_costs_two_delays_and_the_proxy_adds_little(
 
 
 def test_a_pipelined_flight_costs_one_round_trip(echo_server: PeerServer) -> None:
-    delay = 0.05
+    # Long enough that the whole flight leaves before its first echo comes
+    # back, even on a machine that stalls the sending thread for a while.
+    delay = 0.25
     messages = [b"RCPT TO:<user%02d@example.com>\r\n" % i for i in range(20)]
     expected = b"".join(messages)
     with LatencyProxy(echo_server.host, echo_server.port, delay) as proxy, connect(proxy) as c:

@@ -149,6 +149,7 @@ def test_rotation_while_sending_and_refreshing_loses_nothing(connect, smtp, sett
     finally:
         stop.set()
         thread.join(timeout=120)
+    assert not thread.is_alive()
     assert not errors, errors
     assert result.failed_rows == []
     assert key_usage() == {"new": 2 * 152}

@@ -24,6 +24,7 @@ from django.utils import timezone
 
 from mailgov import outbox
 from mailgov.models import MailboxCredentials, OutboxAttempt, OutboxMessage
+from mailgov.testing.latency import LatencyProxy
 from project.celery import app
 from project.settings import filesystem_broker
 from tests.conftest import SCOPES, connect_through_flow, refresh_token_state
@@ -232,10 +233,14 @@ def test_503_from_the_token_endpoint_then_recovery(workers, two_boxes, smtp, aut
     try:
         workers(1, OUTBOX_RETRY_BASE_SECONDS=1, OUTBOX_RETRY_MAX_SECONDS=1)
         [row_id] = enqueue("alice@example.test", 1)
+        # The row's deferral is written first, the mailbox's pause after it.
         wait_for(
-            lambda: OutboxMessage.objects.get(pk=row_id).error_code == "provider_unavailable",
+            lambda: (
+                OutboxMessage.objects.get(pk=row_id).error_code == "provider_unavailable"
+                and type(alice).objects.get(pk=alice.pk).sending_paused_until
+            ),
             60,
-            "a deferral",
+            "a deferral and the mailbox's pause",
         )
         row = OutboxMessage.objects.get(pk=row_id)
         # No connection could be made: the mailbox waits, the message loses no attempt.
@@ -398,7 +403,9 @@ def test_readiness_pings_the_workers(workers, client, settings):
 
     assert worker_line() == "WorkerPing(): Unavailable: no Celery worker answered a ping within 1 s"
     (worker,) = workers(1)
-    assert worker_line() == "WorkerPing(): OK"
+    # Up and consuming a moment after it logs "ready" (a Redis worker
+    # subscribes to control messages on its first loop).
+    wait_for(lambda: worker_line() == "WorkerPing(): OK", 30, "a ping answered")
     worker.stop()
     assert worker_line().startswith("WorkerPing(): Unavailable: no Celery worker answered")
 
@@ -419,13 +426,17 @@ def test_sigterm_closes_the_connections_a_worker_kept(workers, two_boxes, smtp):
     assert "kept connection" not in worker.log()  # no warning: it was recorded and forgotten
 
 
-def test_one_mailbox_gets_the_providers_three_connections(workers, two_boxes, smtp):
+def test_one_mailbox_gets_the_providers_three_connections(workers, two_boxes, smtp, demo_provider):
     """One mailbox's mail fans out to three workers, each with its own
     connection (the provider's limit): a worker busy sending reserves no
-    other delivery task, so each fan-out reaches an idle worker."""
-    workers(3, OUTBOX_BATCH_SIZE=10, SMTP_IDLE_SECONDS=0)
-    enqueue("alice@example.test", 150)
-    wait_for(lambda: states()[State.SENT] == 150, 120, "150 messages sent")
+    other delivery task, so each fan-out reaches an idle worker. Through a
+    10 ms link, as to a real server: on loopback two workers could drain
+    the queue before the third's hand-off arrived."""
+    with LatencyProxy("127.0.0.1", demo_provider["smtp_port"], delay=0.01) as proxy:
+        demo_provider["smtp_port"] = proxy.port
+        workers(3, OUTBOX_BATCH_SIZE=10, SMTP_IDLE_SECONDS=0)
+        enqueue("alice@example.test", 150)
+        wait_for(lambda: states()[State.SENT] == 150, 120, "150 messages sent")
     senders = set(OutboxAttempt.objects.filter(outcome="sent").values_list("worker", flat=True))
     assert len(senders) == 3
     assert len(smtp.messages) == 150

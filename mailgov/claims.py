@@ -50,8 +50,10 @@ def worker_name() -> str:
     its attempts. Distinct for every live thread of the host: ``thread`` is
     the operating system's thread id. (Python's ``threading.get_ident()``
     is a memory address; cut short, two live threads could share a name,
-    and then one's kept connection would go uncounted.)"""
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_native_id()}"
+    and then one's kept connection would go uncounted.) The host name is
+    cut to 150 characters, so that the whole fits the 200 of the columns
+    that store it with the ids intact."""
+    return f"{socket.gethostname()[:150]}:{os.getpid()}:{threading.get_native_id()}"
 
 
 @dataclass

@@ -64,6 +64,15 @@ def test_every_live_thread_holds_under_its_own_name():
     assert all(name.endswith(f":{tid}") for tid, name in names.items())
 
 
+def test_a_long_host_name_keeps_the_thread_in_the_name(monkeypatch):
+    """Holder columns keep 200 characters: a 253-character host name (DNS's
+    longest) must not push the process and thread ids out of them."""
+    monkeypatch.setattr("socket.gethostname", lambda: "h" * 253)
+    name = worker_name()
+    assert len(name) <= 200
+    assert name.endswith(f":{threading.get_native_id()}")
+
+
 def test_a_connection_left_open_between_batches_counts(alice, smtp):
     """Worker A's batch ends (its rows' leases with it) and its connection
     stays open for the next one. B may take the second place; C, a holder

@@ -59,7 +59,6 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
-from functools import partial
 from typing import Any
 
 from auditlog.context import auditlog_value
@@ -87,7 +86,7 @@ from mailgov.models import (
     RefreshEvent,
     SendLog,
 )
-from mailgov.revocation import queue_deleted, queue_revocations, revoke_mailbox
+from mailgov.revocation import restart_given_up, revoke_mailbox
 
 security_logger = logging.getLogger("mailgov.security")
 
@@ -554,21 +553,7 @@ def _erase(user: Any, *, actor: Any = None) -> ErasureRecord:
     counts["grants_revoked"] = revoked
     # A revocation given up before (the provider unreachable too long) starts
     # a fresh series now: the erasure is done only when it has happened.
-    retried = Mailbox.objects.filter(
-        pk__in=mailbox_ids, credentials__refresh_token__isnull=False
-    ).exclude(revocation_given_up_at=None)
-    retry_ids = list(retried.values_list("pk", flat=True))
-    retried.update(revocation_attempts=0, revocation_given_up_at=None, revocation_retry_at=now)
-    given_up = PendingRevocation.objects.filter(mailbox_id__in=mailbox_ids).exclude(
-        given_up_at=None
-    )
-    pending_ids = list(given_up.values_list("pk", flat=True))
-    given_up.update(attempts=0, given_up_at=None, retry_at=now)
-    if retry_ids:
-        transaction.on_commit(lambda: queue_revocations(retry_ids))
-    for pending_id in pending_ids:
-        transaction.on_commit(partial(queue_deleted, pending_id))
-    counts["revocations_restarted"] = len(retry_ids) + len(pending_ids)
+    counts["revocations_restarted"] = restart_given_up(mailbox_ids, now=now)
     # A revoked mailbox whose earlier revocation is still pending keeps its
     # refresh token for that; an access token is never needed again.
     MailboxCredentials.objects.filter(pk__in=mailbox_ids).update(access_token=None, expires_at=None)

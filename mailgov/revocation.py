@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from django.db import transaction
@@ -39,7 +40,9 @@ security_logger = logging.getLogger("mailgov.security")
 __all__ = [
     "RevocationResult",
     "keep_for_revocation",
+    "queue_deleted",
     "queue_revocations",
+    "restart_given_up",
     "retry_revocations",
     "revoke_at_provider",
     "revoke_deleted",
@@ -363,6 +366,28 @@ def _revocation_failed(mailbox: Mailbox, now) -> str:
     )
     Mailbox.objects.filter(pk=mailbox.pk).update(**fields)
     return "pending"
+
+
+def restart_given_up(mailbox_ids: list[Any], *, now=None) -> int:
+    """Start a fresh series of attempts, queued on commit, for the grants of
+    ``mailbox_ids`` whose revocation was given up (the provider unreachable
+    too long): the mailboxes' own, and those of their deleted predecessors
+    (:class:`PendingRevocation`). For whoever needs them revoked after all
+    (an erasure is done only once they are). Returns how many restarted."""
+    now = now or timezone.now()
+    given_up = Mailbox.objects.filter(
+        pk__in=mailbox_ids, credentials__refresh_token__isnull=False
+    ).exclude(revocation_given_up_at=None)
+    retry_ids = list(given_up.values_list("pk", flat=True))
+    given_up.update(revocation_attempts=0, revocation_given_up_at=None, revocation_retry_at=now)
+    deleted = PendingRevocation.objects.filter(mailbox_id__in=mailbox_ids).exclude(given_up_at=None)
+    pending_ids = list(deleted.values_list("pk", flat=True))
+    deleted.update(attempts=0, given_up_at=None, retry_at=now)
+    if retry_ids:
+        transaction.on_commit(lambda: queue_revocations(retry_ids))
+    for pending_id in pending_ids:
+        transaction.on_commit(partial(queue_deleted, pending_id))
+    return len(retry_ids) + len(pending_ids)
 
 
 def retry_revocations(*, due_only: bool = False, now=None, progress=None) -> dict[str, int]:

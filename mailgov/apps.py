@@ -11,7 +11,8 @@ class MailgovConfig(AppConfig):
 
     def ready(self) -> None:
         from auditlog.registry import auditlog
-        from django.db.models.signals import post_delete, pre_delete
+        from django.apps import apps as django_apps
+        from django.db.models.signals import class_prepared
         from django.test.signals import setting_changed
 
         from mailgov import checks, metrics, receivers, signals  # noqa: F401  (registers checks)
@@ -20,20 +21,15 @@ class MailgovConfig(AppConfig):
         setting_changed.connect(
             receivers.reset_keyring_on_setting_change, dispatch_uid="mailgov.reset_keyring"
         )
-        # No sender: a proxy of Mailbox (Governance, a host's own) deletes
-        # mailbox rows too; the receiver checks the concrete model.
-        pre_delete.connect(
-            receivers.keep_grant_for_revocation, dispatch_uid="mailgov.keep_grant_for_revocation"
-        )
+        # Deleting a mailbox row keeps its grant for revocation; deleting a
+        # user through Django erases their data first (data-subject requests:
+        # mailgov.privacy). Connected to the mailbox and user models and to
+        # every proxy of them (Governance, a host's own), now and later.
+        receivers.connect_deletion_receivers(django_apps.get_models())
+        class_prepared.connect(receivers.connect_late_proxy, dispatch_uid="mailgov.late_proxy")
         # The database gauges, on prometheus-client's registry (once; not in
         # multiprocess mode, where /metrics builds its own registry).
         metrics.register()
-        # Deleting a user through Django erases their data first (data-subject
-        # requests: mailgov.privacy). No sender: Django names a proxy of the
-        # user model as the sender when the deletion goes through one; the
-        # receivers check the concrete model.
-        pre_delete.connect(receivers.erase_deleted_user, dispatch_uid="mailgov.erase_deleted_user")
-        post_delete.connect(receivers.scrub_deleted_user, dispatch_uid="mailgov.scrub_deleted_user")
         signals.mailbox_needs_reconsent.connect(
             receivers.log_needs_reconsent, dispatch_uid="mailgov.log_needs_reconsent"
         )

@@ -27,6 +27,7 @@ from mailgov.models import (
     MailboxCredentials,
     OutboxAttempt,
     OutboxMessage,
+    RefreshEvent,
     SendLog,
 )
 from mailgov.providers import get_provider
@@ -714,6 +715,17 @@ def test_purge_deletes_in_chunks(idle, monkeypatch):
     deletes = [q for q in queries if q["sql"].startswith('DELETE FROM "mailgov_sendlog"')]
     assert len(deletes) == 3
     assert not SendLog.objects.exists()
+
+
+def test_purged_tables_are_deleted_in_bulk_without_loading_their_rows():
+    """mailgov's deletion receivers listen to the models they concern (the
+    mailbox and the user, and their proxies) only: one listening to every
+    model would make Django load and signal each row of a purge instead of
+    deleting in one statement."""
+    from django.db.models.deletion import Collector
+
+    for model in (SendLog, RefreshEvent, OutboxAttempt):
+        assert Collector(using="default").can_fast_delete(model.objects.all()), model
 
 
 def test_purge_dry_run_counts_and_deletes_nothing(idle):

@@ -311,7 +311,7 @@ MAILGOV_ENCRYPTION_KEYS_FILE = os.environ.get(
     "MAILGOV_ENCRYPTION_KEYS_FILE", str(VAR_DIR / "mailgov-keys.txt")
 )
 AUTHSERVER_URL = os.environ.get("MAILGOV_AUTHSERVER_URL", "http://127.0.0.1:8001")
-DEMO_SMTP_PORT = int(os.environ.get("MAILGOV_DEMO_SMTP_PORT", "8025"))
+DEMO_SMTP_PORT = env_int("MAILGOV_DEMO_SMTP_PORT", 8025)
 DEMO_TLS_DIR = Path(os.environ.get("MAILGOV_DEMO_TLS_DIR", VAR_DIR / "tls"))
 DEMO_MAILDIR = Path(os.environ.get("MAILGOV_DEMO_MAILDIR", VAR_DIR / "mail"))
 MAILGOV_PROVIDERS = {}
@@ -479,7 +479,7 @@ if os.environ.get("MAILGOV_WORKER_METRICS_ADDRESS"):
     MAILGOV_WORKER_METRICS_ADDRESS = os.environ["MAILGOV_WORKER_METRICS_ADDRESS"]
 # Django's SMTP backend (the notices' default in production) reads these.
 EMAIL_HOST = os.environ.get("DJANGO_EMAIL_HOST", "localhost")
-EMAIL_PORT = int(os.environ.get("DJANGO_EMAIL_PORT", "587"))
+EMAIL_PORT = env_int("DJANGO_EMAIL_PORT", 587)
 EMAIL_HOST_USER = os.environ.get("DJANGO_EMAIL_HOST_USER", "")
 EMAIL_HOST_PASSWORD = env_secret("DJANGO_EMAIL_HOST_PASSWORD")
 EMAIL_USE_TLS = env_flag("DJANGO_EMAIL_USE_TLS", EMAIL_PORT == 587)
